@@ -1,0 +1,57 @@
+"""Segmentation losses shared by every training mode.
+
+Pixel-weighted cross-entropy as used by mmseg-0.16 / DAFormer (spec section 3.7)::
+
+    ce(p)   = -log softmax(z(p))_{y(p)}          (0 where y(p) = 255)
+    L       = sum_p w(p) * ce(p) / |P|            reduction "all_pixels"   (mmseg, default)
+    L       = sum_p w(p) * ce(p) / |{p: y != 255}| reduction "valid_pixels" (PyTorch's mean)
+
+mmseg divides by **all** B*H*W pixels, ignored ones included, so crops with many ignored pixels
+get a smaller effective loss. The published DAFormer/HRDA/MIC numbers were trained with it, so it
+is the default; ``valid_pixels`` is the named switch for the usual PyTorch behaviour. Logits are
+bilinearly upsampled (align_corners=False) to the label size first, as mmseg does.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..data.classes import IGNORE_INDEX
+
+Reduction = Literal["all_pixels", "valid_pixels"]
+
+
+def upsample_like(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear resize of (B, K, h, w) logits to ``size`` (H, W)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def seg_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: Reduction = "all_pixels",
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Pixel-weighted CE of (B, K, h, w) logits against (B, H, W) labels.
+
+    Args:
+        logits: raw scores at any stride; upsampled to the label size.
+        target: int64 labels, ``ignore_index`` excluded.
+        weight: optional (B, H, W) or scalar pixel weights (pseudo-label confidence).
+        reduction: ``all_pixels`` (mmseg, divide by B*H*W) or ``valid_pixels``.
+    """
+    logits = upsample_like(logits, target.shape[-2:])
+    ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    if weight is not None:
+        ce = ce * weight
+    if reduction == "all_pixels":
+        return ce.sum() / ce.numel()
+    if reduction == "valid_pixels":
+        return ce.sum() / (target != ignore_index).sum().clamp_min(1)
+    raise ValueError(f"reduction must be 'all_pixels' or 'valid_pixels', got {reduction!r}")

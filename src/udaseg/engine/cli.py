@@ -1,0 +1,109 @@
+"""The ``udaseg`` command.
+
+``fit | validate | test | predict`` are LightningCLI subcommands (YAML configs via ``--config``,
+every value overridable on the command line). ``demo`` and ``synth`` are udaseg's own. Lightning
+is imported only when a Lightning subcommand runs, so ``udaseg --help`` and ``udaseg synth`` start
+fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+HELP = """\
+usage: udaseg <command> [options]
+
+Unsupervised domain adaptation of semantic segmentation (DAFormer / HRDA / MIC family).
+
+commands:
+  demo       generate SynthNight, train on day, evaluate on day and night, write a report
+  synth      write a SynthNight copy (procedural day/night benchmark) to a folder
+  fit        train a model from a YAML config          (LightningCLI: udaseg fit --config X.yaml)
+  validate   evaluate a checkpoint on the validation splits
+  test       evaluate a checkpoint on the test splits
+  predict    run inference and write predictions
+
+Run `udaseg <command> --help` for the options of one command.
+"""
+
+
+def lightning_main(argv: list[str]) -> int:
+    from lightning.pytorch.cli import LightningCLI
+
+    from .datamodule import UDADataModule
+    from .module import UDAModule
+
+    LightningCLI(
+        UDAModule,
+        UDADataModule,
+        args=argv,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "udaseg"},
+    )
+    return 0
+
+
+def synth_main(argv: list[str]) -> int:
+    from ..data.synthnight import SynthNightConfig, generate
+
+    d = SynthNightConfig()
+    p = argparse.ArgumentParser(prog="udaseg synth", description="Write a SynthNight copy.")
+    p.add_argument("out", help="output folder (created; an identical complete copy is kept)")
+    p.add_argument("--seed", type=int, default=d.seed, help="scene draw (default %(default)s)")
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--height", type=int, default=d.height)
+    p.add_argument("--n-day-train", type=int, default=d.n_day_train)
+    p.add_argument("--n-day-val", type=int, default=d.n_day_val)
+    p.add_argument("--n-night-train", type=int, default=d.n_night_train)
+    p.add_argument("--n-night-val", type=int, default=d.n_night_val)
+    p.add_argument("--no-events", action="store_true", help="skip the event streams")
+    p.add_argument("--no-depth", action="store_true", help="skip the depth maps")
+    p.add_argument("--no-refs", action="store_true", help="skip the day reference images")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different copy in OUT")
+    a = p.parse_args(argv)
+    cfg = SynthNightConfig(
+        seed=a.seed, width=a.width, height=a.height, n_day_train=a.n_day_train,
+        n_day_val=a.n_day_val, n_night_train=a.n_night_train, n_night_val=a.n_night_val,
+        with_events=not a.no_events, with_depth=not a.no_depth, with_refs=not a.no_refs,
+    )
+    path = generate(a.out, cfg, workers=a.workers, overwrite=a.overwrite)
+    print(f"SynthNight v{cfg_version()} written to {path}")
+    return 0
+
+
+def cfg_version() -> int:
+    from ..data.synthnight import GENERATOR_VERSION
+
+    return GENERATOR_VERSION
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from .. import __version__
+
+        print(f"udaseg {__version__}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd in LIGHTNING_COMMANDS:
+        return lightning_main(argv)
+    if cmd == "demo":
+        from .demo import demo_main
+
+        return demo_main(rest)
+    if cmd == "synth":
+        return synth_main(rest)
+    print(f"udaseg: unknown command {cmd!r}\n\n{HELP}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""UDADataModule: source (labelled), optional target (unlabelled) and named validation splits.
+
+Training batches are dicts ``{"source": batch}`` or ``{"source": batch, "target": batch}``;
+every batch is a dict of stacked sample entries (see :mod:`udaseg.data.transforms`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from ..catalog import DATASETS, resolve
+from ..data.transforms import PipelineConfig
+
+
+@dataclass
+class DatasetSpec:
+    """One split of one dataset, by catalogue name (see :data:`udaseg.catalog.DATASETS`)."""
+
+    name: str
+    root: str
+    split: str = "train"
+    labels: bool = True
+    views: list[str] = field(default_factory=list)
+
+    def build(self, transform):
+        cls = resolve(DATASETS, self.name, "dataset")
+        kwargs = dict(root=self.root, split=self.split, labels=self.labels, transform=transform)
+        if self.views:
+            kwargs["views"] = self.views
+        return cls(**kwargs)
+
+
+@dataclass
+class SynthNightSpec:
+    """Generate a SynthNight copy into ``root`` (if not there yet) before training."""
+
+    root: str = "data/synthnight"
+    seed: int = 0
+    width: int = 512
+    height: int = 256
+    n_day_train: int = 400
+    n_day_val: int = 100
+    n_night_train: int = 400
+    n_night_val: int = 100
+
+
+class UDADataModule(L.LightningDataModule):
+    """Data for source-only, UDA and oracle training.
+
+    Args:
+        source: the labelled training split.
+        val: validation splits by display name (e.g. ``{"day_val": ..., "night_val": ...}``).
+        target: the unlabelled target training split (None for source-only training).
+        source_pipeline / target_pipeline: resize, crop and flip of each domain.
+        batch_size: images per domain per iteration (2 in every paper config).
+        num_workers: data loading processes per loader.
+        synthnight: generate this SynthNight copy in ``prepare_data`` when set.
+    """
+
+    def __init__(
+        self,
+        source: DatasetSpec,
+        val: dict[str, DatasetSpec],
+        target: DatasetSpec | None = None,
+        source_pipeline: PipelineConfig | None = None,
+        target_pipeline: PipelineConfig | None = None,
+        batch_size: int = 2,
+        val_batch_size: int = 4,
+        num_workers: int = 4,
+        synthnight: SynthNightSpec | None = None,
+    ):
+        super().__init__()
+        self.source_spec = source
+        self.target_spec = target
+        self.val_specs = dict(val)
+        self.source_pipeline = source_pipeline or PipelineConfig(cat_max_ratio=0.75)
+        self.target_pipeline = target_pipeline or PipelineConfig(scale=(960, 540))
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.synthnight = synthnight
+
+    @property
+    def val_names(self) -> list[str]:
+        return list(self.val_specs)
+
+    def prepare_data(self) -> None:
+        if self.synthnight is not None:
+            from ..data.synthnight import SynthNightConfig, generate
+
+            s = self.synthnight
+            generate(
+                Path(s.root),
+                SynthNightConfig(
+                    seed=s.seed, width=s.width, height=s.height, n_day_train=s.n_day_train,
+                    n_day_val=s.n_day_val, n_night_train=s.n_night_train, n_night_val=s.n_night_val,
+                ),
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.source_set = self.source_spec.build(self.source_pipeline.train())
+            self.target_set = (
+                self.target_spec.build(self.target_pipeline.train()) if self.target_spec else None
+            )
+        # validation splits are scored with the target's test pipeline (day splits with the source's)
+        self.val_sets = {}
+        for name, spec in self.val_specs.items():
+            pipe = self.target_pipeline if spec.name != self.source_spec.name else self.source_pipeline
+            self.val_sets[name] = spec.build(pipe.test())
+
+    def _train_loader(self, ds) -> DataLoader:
+        return DataLoader(
+            ds, batch_size=self.batch_size, shuffle=True, drop_last=True,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        loaders = {"source": self._train_loader(self.source_set)}
+        if self.target_set is not None:
+            loaders["target"] = self._train_loader(self.target_set)
+        return loaders
+
+    def _eval_loaders(self) -> list[DataLoader]:
+        return [
+            DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)
+            for ds in self.val_sets.values()
+        ]
+
+    def val_dataloader(self):
+        return self._eval_loaders()
+
+    def test_dataloader(self):
+        return self._eval_loaders()

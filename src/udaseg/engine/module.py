@@ -1,0 +1,171 @@
+"""UDAModule: the LightningModule around a segmentor (Lightning glue only, no method math).
+
+Training uses manual optimisation (one optimiser step per iteration after one or more
+backward passes, as DACS does) with the paper's AdamW + poly/warm-up schedule stepped per
+iteration. Source-only training is the supervised source loss alone; the self-training loop
+of the "UDA core" plugs in here without this module naming any method.
+
+Validation scores each named split with its own confusion matrix (synchronised across
+processes) and keeps the last results in :attr:`UDAModule.val_results` for reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+
+from ..adapt.losses import seg_cross_entropy
+from ..data.classes import label_set as get_label_set
+from ..eval.inference import slide_inference, whole_inference
+from ..eval.metrics import IoUResult, SegmentationMetric
+from ..models.segmentor import build_segmentor
+from .optim import OptimConfig, build_optimizer
+
+
+@dataclass
+class InferenceConfig:
+    """Test-time inference: ``whole`` image, or ``slide`` windows of ``crop`` with ``stride``."""
+
+    mode: Literal["whole", "slide"] = "whole"
+    crop: tuple[int, int] = (512, 512)
+    stride: tuple[int, int] = (341, 341)
+
+
+class UDAModule(L.LightningModule):
+    """A segmentor trained with source supervision (and, later, UDA methods).
+
+    Args:
+        backbone: ``mit_b0`` .. ``mit_b5`` (or ``mit_tiny`` for CPU demos).
+        head: ``daformer`` or ``segformer``.
+        num_classes: output classes (19 Cityscapes train IDs).
+        head_channels: decoder width (None = the paper's: 256 DAFormer, 768 SegFormer).
+        drop_path_rate: stochastic depth of the backbone (0.1 in the papers).
+        pretrained: local path of ImageNet MiT weights (``mit_b5.pth`` or HF ``nvidia/mit-b5``).
+        optim: AdamW + poly/warm-up settings.
+        ce_reduction: ``all_pixels`` (mmseg/DAFormer, default) or ``valid_pixels``.
+        label_set: evaluation protocol (``cityscapes19``, ``synthia16``, ``dsec18``).
+        inference: whole-image or sliding-window evaluation.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "mit_b5",
+        head: str = "daformer",
+        num_classes: int = 19,
+        head_channels: int | None = None,
+        drop_path_rate: float = 0.1,
+        pretrained: str | None = None,
+        optim: OptimConfig | None = None,
+        ce_reduction: Literal["all_pixels", "valid_pixels"] = "all_pixels",
+        label_set: str = "cityscapes19",
+        inference: InferenceConfig | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        get_label_set(label_set)  # fail early on a typo
+        self.optim_cfg = optim or OptimConfig()
+        self.inference_cfg = inference or InferenceConfig()
+        self.model = build_segmentor(
+            backbone=backbone,
+            head=head,
+            num_classes=num_classes,
+            drop_path_rate=drop_path_rate,
+            head_channels=head_channels,
+            pretrained=pretrained,
+        )
+        self.automatic_optimization = False
+        self.val_metrics = torch.nn.ModuleDict()
+        self.val_results: dict[str, IoUResult] = {}
+
+    # ------------------------------------------------------------------ inference
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K, H/4, W/4) of normalised images (B, 3, H, W)."""
+        return self.model(images).logits
+
+    def predict_logits(self, images: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        """Logits at ``out_size`` with the configured whole/slide inference."""
+        cfg = self.inference_cfg
+        if cfg.mode == "slide":
+            return slide_inference(
+                self, images, crop_size=cfg.crop, stride=cfg.stride,
+                num_classes=self.hparams.num_classes, out_size=out_size,
+            )
+        return whole_inference(self, images, out_size=out_size)
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self):
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        opt, sched = build_optimizer(self.model, self.optim_cfg, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        src = batch["source"]
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        opt.zero_grad(set_to_none=True)
+        out = self.model(src["image"])
+        loss = seg_cross_entropy(out.logits, src["label"], reduction=self.hparams.ce_reduction)
+        self.manual_backward(loss)
+        opt.step()
+        sched.step()
+        self.log("train/loss_src", loss.detach(), prog_bar=True)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ evaluation
+    def _split_names(self) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None)
+        names = getattr(dm, "val_names", None)
+        if names:
+            return list(names)
+        loaders = self.trainer.val_dataloaders
+        n = len(loaders) if isinstance(loaders, (list, tuple)) else 1
+        return ["val"] if n == 1 else [f"val{i}" for i in range(n)]
+
+    def _start_eval(self) -> None:
+        self.split_names = self._split_names()
+        for name in self.split_names:
+            if name not in self.val_metrics:
+                self.val_metrics[name] = SegmentationMetric(self.hparams.num_classes).to(self.device)
+            self.val_metrics[name].reset()
+
+    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
+        name = self.split_names[dataloader_idx]
+        labels = batch["label"]
+        logits = self.predict_logits(batch["image"], out_size=tuple(labels.shape[-2:]))
+        self.val_metrics[name].update(logits.argmax(1), labels)
+
+    def _end_eval(self, prefix: str) -> None:
+        ls = self.hparams.label_set
+        for name in self.split_names:
+            res = self.val_metrics[name].compute()
+            self.val_results[name] = res
+            self.log(f"{prefix}/{name}/mIoU", float(res.miou(ls)) * 100.0, sync_dist=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        size = tuple(int(s) for s in batch["ori_size"][0])
+        probs = self.predict_logits(batch["image"], out_size=size).softmax(1)
+        conf, pred = probs.max(1)
+        return {"name": batch["name"], "pred": pred, "confidence": conf}

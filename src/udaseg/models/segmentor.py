@@ -1,0 +1,143 @@
+"""Encoder-decoder segmentor: a multi-level backbone followed by a decode head.
+
+``SegOutput = EncoderDecoder(x)`` with ``features = backbone(x)`` (a list of L maps, finest first)
+and ``logits = decode_head(features)`` at the resolution of the finest level (stride 4 for MiT).
+The attribute names ``backbone`` and ``decode_head`` match mmseg, so segmentor checkpoints keep
+their ``backbone.*`` / ``decode_head.*`` keys. Logits are *not* upsampled here: the loss and the
+inference code resize them to the label size (bilinear, ``align_corners=False``; spec 2.1).
+
+Backbone contract (MiT now, DINOv2 later): an ``nn.Module`` whose ``forward(x)`` returns
+``list[Tensor]`` of ``(B, C_i, H_i, W_i)`` maps and which exposes ``out_channels`` and
+``feature_info`` (``num_chs``, ``reduction`` per level); see :class:`FeatureBackbone`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from udaseg.data.classes import NUM_CLASSES
+from udaseg.models.daformer_head import DAFormerHead
+from udaseg.models.mit import MIT_VARIANTS, MixTransformer
+from udaseg.models.optim_groups import param_groups
+from udaseg.models.segformer_head import SegFormerHead
+
+__all__ = [
+    "BACKBONES",
+    "HEADS",
+    "EncoderDecoder",
+    "FeatureBackbone",
+    "SegOutput",
+    "build_segmentor",
+    "param_groups",
+]
+
+BACKBONES: tuple[str, ...] = tuple(MIT_VARIANTS)
+"""Backbone names accepted by :func:`build_segmentor`."""
+HEADS: tuple[str, ...] = ("daformer", "segformer")
+"""Decode-head names accepted by :func:`build_segmentor`."""
+
+
+@runtime_checkable
+class FeatureBackbone(Protocol):
+    """The multi-level backbone interface shared by all udaseg backbones."""
+
+    out_channels: tuple[int, ...]
+    feature_info: list[dict[str, int | str]]
+
+    def __call__(self, x: Tensor) -> list[Tensor]: ...
+
+
+@dataclass
+class SegOutput:
+    """Output of a segmentor forward pass.
+
+    Attributes:
+        logits: ``(B, K, H/4, W/4)`` class scores at the finest feature level (not upsampled).
+        features: the backbone levels ``[(B, C_i, H_i, W_i)]``, finest first (used e.g. by the
+            ImageNet feature distance).
+    """
+
+    logits: Tensor
+    features: list[Tensor]
+
+
+class EncoderDecoder(nn.Module):
+    """``backbone`` -> ``decode_head``; ``forward(x) -> SegOutput``.
+
+    Args:
+        backbone: a :class:`FeatureBackbone`.
+        decode_head: a module mapping the feature list to ``(B, K, H_1, W_1)`` logits, with a
+            ``num_classes`` attribute.
+    """
+
+    def __init__(self, backbone: nn.Module, decode_head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of classes predicted by the decode head."""
+        return int(self.decode_head.num_classes)
+
+    def extract_features(self, x: Tensor) -> list[Tensor]:
+        """Images ``(B, 3, H, W)`` -> backbone levels ``[(B, C_i, H_i, W_i)]``."""
+        return self.backbone(x)
+
+    def forward(self, x: Tensor) -> SegOutput:
+        """Images ``(B, 3, H, W)`` -> :class:`SegOutput` with logits ``(B, K, H/4, W/4)``."""
+        features = self.extract_features(x)
+        return SegOutput(logits=self.decode_head(features), features=features)
+
+
+def build_segmentor(
+    backbone: str = "mit_b5",
+    head: str = "daformer",
+    num_classes: int = NUM_CLASSES,
+    drop_path_rate: float = 0.1,
+    head_channels: int | None = None,
+    pretrained: str | None = None,
+) -> EncoderDecoder:
+    """Build a MiT + DAFormer/SegFormer segmentor.
+
+    Args:
+        backbone: one of :data:`BACKBONES` (``mit_b0`` .. ``mit_b5``, ``mit_tiny``).
+        head: ``"daformer"`` (separable-ASPP fusion, C_e = channels = 256) or ``"segformer"``
+            (all-MLP, embed_dim 768).
+        num_classes: K.
+        drop_path_rate: stochastic-depth rate of the last backbone block.
+        head_channels: overrides the head width: ``channels`` and ``embed_dim`` of the DAFormer
+            head, ``embed_dim`` of the SegFormer head. None keeps the paper values.
+        pretrained: optional local path of a MiT ImageNet checkpoint (NVlabs ``mit_b*.pth`` or
+            HF ``nvidia/mit-b*`` layout, detected automatically). Loading is strict: every backbone
+            tensor must be in the file; only the classifier is ignored.
+
+    Raises:
+        ValueError: unknown ``backbone`` or ``head`` (the message lists the valid names), or a
+            checkpoint that does not fit the backbone.
+        FileNotFoundError: ``pretrained`` does not exist.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(
+            f"build_segmentor: unknown backbone {backbone!r}; valid backbones: {', '.join(BACKBONES)}"
+        )
+    if head not in HEADS:
+        raise ValueError(f"build_segmentor: unknown head {head!r}; valid heads: {', '.join(HEADS)}")
+    encoder = MixTransformer(backbone, drop_path_rate=drop_path_rate)
+    if pretrained is not None:
+        from udaseg.models.weights import load_backbone_weights
+
+        load_backbone_weights(encoder, pretrained, strict=True)
+    decode_head: nn.Module
+    if head == "daformer":
+        width = 256 if head_channels is None else head_channels
+        decode_head = DAFormerHead(
+            encoder.out_channels, num_classes=num_classes, channels=width, embed_dim=width
+        )
+    else:
+        width = 768 if head_channels is None else head_channels
+        decode_head = SegFormerHead(encoder.out_channels, num_classes=num_classes, embed_dim=width)
+    return EncoderDecoder(encoder, decode_head)
