@@ -21,7 +21,8 @@ Then ``logits = conv_seg(Dropout2d_{0.1}(F_fused))`` at stride 4.
 With C_e = channels = 256 on MiT-B5 the head has 3,712,275 parameters.
 
 Differences from the reference: only the ``sepaspp`` fusion with ``mlp`` embeddings (the
-configuration used by DAFormer/HRDA/MIC) is implemented; the decoder-study variants of Tab. 7 are not.
+configuration used by DAFormer/HRDA/MIC) is implemented; the decoder-study variants of Tab. 7
+are not.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class SeparableASPP(nn.Module):
     Shapes: ``(B, C_in, H, W) -> (B, channels, H, W)``.
     """
 
-    def __init__(self, in_channels: int, channels: int, dilations: Sequence[int] = (1, 6, 12, 18)) -> None:
+    def __init__(
+        self, in_channels: int, channels: int, dilations: Sequence[int] = (1, 6, 12, 18)
+    ) -> None:
         super().__init__()
         branches: list[nn.Module] = []
         for d in dilations:
@@ -100,7 +103,9 @@ class DAFormerHead(nn.Module):
             {str(i): MLP(c, embed_dim) for i, c in enumerate(self.in_channels)}
         )
         self.fuse_layer = SeparableASPP(len(self.in_channels) * embed_dim, channels, self.dilations)
-        self.dropout: nn.Module = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
+        self.dropout: nn.Module = (
+            nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
+        )
         self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
         normal_init(self.conv_seg, std=0.01)
 

@@ -3,7 +3,8 @@
 These are the only layers shared between the backbones and decode heads in :mod:`udaseg.models`.
 Submodule names follow the mmcv/mmseg conventions (``conv``, ``bn``, ``depthwise_conv``,
 ``pointwise_conv``, ``proj``) so that mmseg-style checkpoint keys such as
-``decode_head.fuse_layer.bottleneck.conv.weight`` or ``...bn.running_mean`` map 1:1 onto our modules.
+``decode_head.fuse_layer.bottleneck.conv.weight`` or ``...bn.running_mean`` map 1:1 onto our
+modules.
 
 Reference behaviour (spec sections 1.5, 1.6, 2.1; written from the spec, not copied):
 
@@ -152,10 +153,11 @@ class DepthwiseSeparableConvModule(nn.Module):
 
 
 class MLP(nn.Module):
-    """Per-token linear projection of a feature map (the ``mlp`` embedding of SegFormer/DAFormer heads).
+    """Per-token linear projection of a feature map (``mlp`` embedding of SegFormer/DAFormer heads).
 
     ``e[b, :, y, x] = W f[b, :, y, x] + bias``, computed by flattening the map to tokens,
-    applying ``proj`` (an ``nn.Linear`` named as in mmseg) and reshaping back. No norm, no activation.
+    applying ``proj`` (an ``nn.Linear`` named as in mmseg) and reshaping back. No norm and no
+    activation.
 
     Shapes: ``(B, C_in, H, W) -> (B, C_embed, H, W)``.
     """

@@ -27,8 +27,8 @@ Architecture, for stage ``i = 1..4`` with width ``C_i`` and input map ``X_{i-1}`
   ``x = x + DropPath(Attn(LN_{1e-6}(x)))``, ``x = x + DropPath(MixFFN(LN_{1e-6}(x)))``,
   and each stage ends with ``LN_{1e-6}`` and a reshape to ``(B, C_i, H_i, W_i)``.
 
-LayerNorm eps, exactly as the reference: 1e-6 in ``norm1``/``norm2`` and the stage norms ``norm{i}``,
-1e-5 (PyTorch default) in ``patch_embed{i}.norm`` and the SR norm ``attn.norm``.
+LayerNorm eps, exactly as the reference: 1e-6 in ``norm1``/``norm2`` and the stage norms
+``norm{i}``, 1e-5 (PyTorch default) in ``patch_embed{i}.norm`` and the SR norm ``attn.norm``.
 
 Differences from the reference:
 
@@ -85,7 +85,7 @@ class MiTConfig:
         for name, value in fields.items():
             if len(value) != 4:
                 raise ValueError(f"MiTConfig.{name} needs 4 entries (one per stage), got {value}")
-        for c, h in zip(self.embed_dims, self.num_heads):
+        for c, h in zip(self.embed_dims, self.num_heads, strict=True):
             if c % h:
                 raise ValueError(
                     f"MiTConfig: embed dim {c} is not divisible by num_heads {h}; "
@@ -158,7 +158,9 @@ class EfficientSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"EfficientSelfAttention: dim {dim} not divisible by num_heads {num_heads}")
+            raise ValueError(
+                f"EfficientSelfAttention: dim {dim} not divisible by num_heads {num_heads}"
+            )
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -240,7 +242,8 @@ class MixTransformer(nn.Module):
     """MiT encoder returning the four stage maps (strides 4, 8, 16, 32).
 
     Args:
-        variant: a key of :data:`MIT_VARIANTS` (``mit_b0`` .. ``mit_b5``, or the non-paper ``mit_tiny``).
+        variant: a key of :data:`MIT_VARIANTS` (``mit_b0`` .. ``mit_b5``, or the non-paper
+            ``mit_tiny``).
         in_chans: input image channels.
         drop_path_rate: the stochastic-depth rate of the last block; block ``k`` of ``n`` (counted
             over all stages) gets ``drop_path_rate * k / (n - 1)`` (spec 1.5; DAFormer uses 0.1).
@@ -254,11 +257,15 @@ class MixTransformer(nn.Module):
     Module names (``patch_embed{i}``, ``block{i}.{j}``, ``norm{i}``) are the NVlabs ones.
     """
 
-    def __init__(self, variant: str = "mit_b5", in_chans: int = 3, drop_path_rate: float = 0.1) -> None:
+    def __init__(
+        self, variant: str = "mit_b5", in_chans: int = 3, drop_path_rate: float = 0.1
+    ) -> None:
         super().__init__()
         cfg = mit_config(variant)
         if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"MixTransformer: drop_path_rate must be in [0, 1), got {drop_path_rate}")
+            raise ValueError(
+                f"MixTransformer: drop_path_rate must be in [0, 1), got {drop_path_rate}"
+            )
         self.variant = variant
         self.config = cfg
         self.in_chans = in_chans
@@ -266,7 +273,9 @@ class MixTransformer(nn.Module):
 
         n_blocks = sum(cfg.depths)
         # Python linspace (not torch.linspace) so the model can be built on the meta device.
-        dpr = [drop_path_rate * k / (n_blocks - 1) if n_blocks > 1 else 0.0 for k in range(n_blocks)]
+        dpr = [
+            drop_path_rate * k / (n_blocks - 1) if n_blocks > 1 else 0.0 for k in range(n_blocks)
+        ]
 
         prev = in_chans
         k = 0
@@ -286,7 +295,7 @@ class MixTransformer(nn.Module):
         self.out_channels: tuple[int, ...] = tuple(cfg.embed_dims)
         self.feature_info: list[dict[str, int | str]] = [
             {"num_chs": c, "reduction": r, "module": f"norm{i + 1}"}
-            for i, (c, r) in enumerate(zip(cfg.embed_dims, (4, 8, 16, 32)))
+            for i, (c, r) in enumerate(zip(cfg.embed_dims, (4, 8, 16, 32), strict=True))
         ]
         self.apply(init_transformer_weights)
 
@@ -295,14 +304,14 @@ class MixTransformer(nn.Module):
         return self.forward(x)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """Images ``(B, in_chans, H, W)`` -> ``[F_1, .., F_4]``, ``F_i`` of shape ``(B, C_i, H_i, W_i)``.
+        """Images ``(B, in_chans, H, W)`` -> ``[F_1, .., F_4]``, ``F_i`` is ``(B, C_i, H_i, W_i)``.
 
         ``H_1 = ceil(H / 4)``, ``H_{i+1} = ceil(H_i / 2)`` (e.g. 512 -> 128, 64, 32, 16).
         """
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
-                f"MixTransformer({self.variant}) expects images of shape (B, {self.in_chans}, H, W), "
-                f"got {tuple(x.shape)}"
+                f"MixTransformer({self.variant}) expects images of shape "
+                f"(B, {self.in_chans}, H, W), got {tuple(x.shape)}"
             )
         outs: list[Tensor] = []
         for i in range(1, 5):

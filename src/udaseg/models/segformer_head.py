@@ -75,7 +75,9 @@ class SegFormerHead(nn.Module):
         self.concat_order: ConcatOrder = concat_order
         self.linear_c = nn.ModuleList(MLP(c, embed_dim) for c in self.in_channels)
         self.linear_fuse = ConvBNReLU(len(self.in_channels) * embed_dim, embed_dim, 1)
-        self.dropout: nn.Module = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
+        self.dropout: nn.Module = (
+            nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
+        )
         self.linear_pred = nn.Conv2d(embed_dim, num_classes, kernel_size=1)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:

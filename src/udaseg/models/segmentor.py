@@ -122,7 +122,8 @@ def build_segmentor(
     """
     if backbone not in BACKBONES:
         raise ValueError(
-            f"build_segmentor: unknown backbone {backbone!r}; valid backbones: {', '.join(BACKBONES)}"
+            f"build_segmentor: unknown backbone {backbone!r}; "
+            f"valid backbones: {', '.join(BACKBONES)}"
         )
     if head not in HEADS:
         raise ValueError(f"build_segmentor: unknown head {head!r}; valid heads: {', '.join(HEADS)}")

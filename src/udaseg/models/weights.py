@@ -5,12 +5,14 @@ for ``.pth/.pt/.bin`` or with ``safetensors`` for ``.safetensors``; nothing is d
 
 Supported layouts (spec sections 1.7, 1.8):
 
-* ``"nvlabs"``: the original SegFormer ImageNet checkpoints ``mit_b*.pth`` (keys ``patch_embed1.proj.weight``,
-  ``block3.17.attn.kv.weight``, ``norm4.bias``, ``head.weight`` ...), optionally wrapped under
-  ``state_dict``/``model`` and/or prefixed ``backbone.`` (a segmentor checkpoint). These are our
-  module names, so the remap is the identity apart from dropping the classifier.
+* ``"nvlabs"``: the original SegFormer ImageNet checkpoints ``mit_b*.pth`` (keys
+  ``patch_embed1.proj.weight``, ``block3.17.attn.kv.weight``, ``norm4.bias``, ``head.weight``
+  ...), optionally wrapped under ``state_dict``/``model`` and/or prefixed ``backbone.`` (a
+  segmentor checkpoint). These are our module names, so the remap is the identity apart from
+  dropping the classifier.
 * ``"hf"``: HuggingFace ``nvidia/mit-b*`` (transformers-4 names, ``segformer.encoder.`` or
-  ``encoder.`` prefix): ``patch_embeddings.{i-1}.proj/layer_norm``, ``block.{i-1}.{j}.layer_norm_1``,
+  ``encoder.`` prefix): ``patch_embeddings.{i-1}.proj/layer_norm``,
+  ``block.{i-1}.{j}.layer_norm_1``,
   ``attention.self.query/key/value/sr/layer_norm``, ``attention.output.dense``, ``layer_norm_2``,
   ``mlp.dense1/dwconv.dwconv/dense2``, ``layer_norm.{i-1}``. HF stores K and V separately; we
   concatenate ``kv = [key; value]`` along the output dimension (the first C rows are K).
@@ -22,7 +24,6 @@ the block/stage norms, so outputs of the two implementations differ slightly for
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -99,12 +100,16 @@ def _unwrap(sd: Mapping[str, object]) -> dict[str, Tensor]:
     obj: object = sd
     for _ in range(3):
         if isinstance(obj, Mapping):
-            inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
+            inner = next(
+                (obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None
+            )
             if inner is None:
                 break
             obj = inner
     if not isinstance(obj, Mapping):
-        raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise ValueError(
+            f"expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
 
 
@@ -133,7 +138,8 @@ def remap_nvlabs_mit(sd: Mapping[str, object]) -> dict[str, Tensor]:
     """NVlabs ``mit_b*.pth`` (or a ``backbone.``-prefixed segmentor dict) -> our MiT names.
 
     Unwraps ``state_dict``/``model`` containers, strips an optional ``backbone.`` prefix (dropping
-    keys outside ``backbone.``), drops the ImageNet classifier ``head.*``; names are otherwise unchanged.
+    keys outside ``backbone.``) and drops the ImageNet classifier ``head.*``; names are otherwise
+    unchanged.
     """
     return _split_nvlabs(sd)[0]
 
@@ -155,7 +161,9 @@ def _split_hf(sd: Mapping[str, object]) -> tuple[dict[str, Tensor], list[str]]:
                 break
         if m := _HF_PATCH.match(name):
             stage, sub, param = m.groups()
-            out[f"patch_embed{int(stage) + 1}.{'proj' if sub == 'proj' else 'norm'}.{param}"] = value
+            out[f"patch_embed{int(stage) + 1}.{'proj' if sub == 'proj' else 'norm'}.{param}"] = (
+                value
+            )
         elif m := _HF_STAGE_NORM.match(name):
             stage, param = m.groups()
             out[f"norm{int(stage) + 1}.{param}"] = value
@@ -203,7 +211,8 @@ def to_hf_mit(sd: Mapping[str, Tensor], prefix: str = "segformer.encoder.") -> d
             out["classifier." + key[len("head.") :]] = value
         elif m := _NV_PATCH.match(key):
             stage, sub, param = m.groups()
-            out[f"{prefix}patch_embeddings.{int(stage) - 1}.{'proj' if sub == 'proj' else 'layer_norm'}.{param}"] = value
+            sub_hf = "proj" if sub == "proj" else "layer_norm"
+            out[f"{prefix}patch_embeddings.{int(stage) - 1}.{sub_hf}.{param}"] = value
         elif m := _NV_STAGE_NORM.match(key):
             stage, param = m.groups()
             out[f"{prefix}layer_norm.{int(stage) - 1}.{param}"] = value
@@ -224,7 +233,7 @@ def to_hf_mit(sd: Mapping[str, Tensor], prefix: str = "segformer.encoder.") -> d
 
 
 def detect_layout(sd: Mapping[str, object]) -> str:
-    """Return ``"nvlabs"`` or ``"hf"`` for a MiT state dict, or raise a ValueError showing sample keys."""
+    """``"nvlabs"`` or ``"hf"`` for a MiT state dict; a ValueError showing sample keys otherwise."""
     keys = list(_unwrap(sd))
     if any("patch_embeddings." in k or ".attention.self." in k for k in keys):
         return "hf"
@@ -284,7 +293,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             raise ValueError(f"{str(p)!r}: not a readable .safetensors file ({e})") from e
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+    except Exception as e:  # the weights-only unpickler raises many types on bad input
         raise ValueError(
             f"{str(p)!r}: torch.load(weights_only=True) could not read this file: {e}\n"
             "It is corrupt, not a PyTorch checkpoint, or it pickles Python objects other than "
@@ -292,7 +301,9 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             "torch.save(state_dict, 'clean.pth'), or convert it to .safetensors."
         ) from e
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{str(p)!r}: expected a state dict, the file holds a {type(obj).__name__}")
+        raise ValueError(
+            f"{str(p)!r}: expected a state dict, the file holds a {type(obj).__name__}"
+        )
     try:
         return _unwrap(obj)
     except ValueError as e:
@@ -334,7 +345,9 @@ def load_backbone_weights(
     elif layout == "hf":
         sd, ignored = _split_hf(raw)
     else:
-        raise ValueError(f"load_backbone_weights: layout must be 'auto', 'nvlabs' or 'hf', got {layout!r}")
+        raise ValueError(
+            f"load_backbone_weights: layout must be 'auto', 'nvlabs' or 'hf', got {layout!r}"
+        )
 
     own = backbone.state_dict()
     for key, value in sd.items():

@@ -108,5 +108,5 @@ def read_depth(path: Path) -> np.ndarray:
         im.load()
         if im.mode not in ("L", "RGB", "I;16", "I"):
             raise DataError(f"depth map {path} has mode {im.mode!r}; expected an 8-bit grey PNG")
-        arr = np.asarray(im.convert("L"))
+        arr = np.array(im.convert("L"))
     return arr[..., None]
