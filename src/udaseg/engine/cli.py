@@ -30,7 +30,8 @@ Run `udaseg <command> --help` for the options of one command.
 """
 
 
-def lightning_main(argv: list[str]) -> int:
+def lightning_main(argv: list[str] | None) -> int:
+    """Run LightningCLI; ``argv=None`` reads sys.argv (the console script)."""
     from lightning.pytorch.cli import LightningCLI
 
     from .datamodule import UDADataModule
@@ -83,6 +84,7 @@ def cfg_version() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in LIGHTNING_COMMANDS:
-        return lightning_main(argv)
+        return lightning_main(None if from_sys else argv)
     if cmd == "demo":
         from .demo import demo_main
 

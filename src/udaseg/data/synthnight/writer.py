@@ -16,8 +16,13 @@ Determinism: image ``i`` of split ``s`` draws all its randomness from
 ``SeedSequence(seed, spawn_key=(split_code(s), i, purpose))``, so the copy is a pure function of
 (seed, size, counts, version), and changing one split's count changes no other split's files.
 Day and night scenes are different scenes (unpaired domains). A night image's day reference shows
-the same static street from a slightly moved camera (shift up to 4 % of the image size, zoom
-0.95-1.05) with re-drawn traffic, like Dark Zurich's GPS-matched day/night pairs.
+the same static street from a slightly moved camera (shift up to ``REF_SHIFT`` = 4 % of the image
+size, zoom in ``REF_ZOOM`` = 0.95-1.05) with re-drawn traffic, like Dark Zurich's GPS-matched
+day/night pairs. The night frame of ``events.h5`` number ``i`` is at ``t_offset + 50 ms`` with
+``t_offset = (i + 1) s``: the events cover the 50 ms before the frame.
+
+``synthnight.json`` holds the parameters (compared to decide whether a copy is already there)
+and, under ``stats``, per split: pixels per class, mean luminance (0..255) and mean event count.
 """
 
 from __future__ import annotations
@@ -25,26 +30,36 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from udaseg.data.classes import NUM_CLASSES
+from udaseg.data.classes import CITYSCAPES_CLASSES, NUM_CLASSES
 
 from .events import EventSimConfig, EventStream, simulate_events, write_events_h5
-from .render import DayStyle, NightParams, NightStyle, luminance, render_day, render_night
+from .render import DayStyle, NightParams, NightStyle, image_luminance, render_day, render_night
 from .scene import depth_to_png, noise_tiles, rasterize, sample_dynamic, sample_layout
 
 GENERATOR_VERSION = 1
 
 SPLITS = ("day_train", "day_val", "night_train", "night_val")
-DAY_CITIES = {"train": ("synthburg", "pixelton", "rendermark", "texelford"), "val": ("voxelhaven", "meshmouth")}
+DAY_CITIES = {
+    "train": ("synthburg", "pixelton", "rendermark", "texelford"),
+    "val": ("voxelhaven", "meshmouth"),
+}
 NIGHT_RECORDINGS = {"train": ("GOPR0001", "GOPR0002", "GOPR0003", "GOPR0004"), "val": ("GOPR0005",)}
 META_NAME = "synthnight.json"
 PARTIAL_NAME = ".synthnight.partial"
+
+# Misalignment of a night image's day reference: zoom range and shift (fraction of W and H).
+REF_ZOOM = (0.95, 1.05)
+REF_SHIFT = 0.04
+# Event files: the night frame is at the end of the window; frame i sits 1 s after frame i - 1.
+T_OFFSET_STEP_US = 1_000_000
 
 # Purposes of the per-image random streams.
 _STATIC, _DYNAMIC, _RENDER, _REF_DYNAMIC, _REF_RENDER, _EVENTS = range(6)
@@ -66,6 +81,20 @@ class SynthNightConfig:
     with_refs: bool = True
     night_style: NightStyle = field(default_factory=NightStyle)
     """Ranges of the night rendering (defaults documented in :class:`NightStyle`)."""
+
+    def __post_init__(self) -> None:
+        if self.width < 16 or self.height < 16:
+            raise ValueError(
+                f"SynthNightConfig: width and height must be >= 16 pixels, got "
+                f"{self.width} x {self.height}"
+            )
+        for split in SPLITS:
+            if self.count(split) < 0:
+                raise ValueError(
+                    f"SynthNightConfig: n_{split} must be >= 0, got {self.count(split)}"
+                )
+        if self.seed < 0:
+            raise ValueError(f"SynthNightConfig: seed must be >= 0, got {self.seed}")
 
     def count(self, split: str) -> int:
         return {
@@ -105,10 +134,15 @@ def make_sample(config: SynthNightConfig, split: str, index: int) -> SynthNightS
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     layout = sample_layout(
-        _rng(config, split, index, _STATIC), _rng(config, split, index, _DYNAMIC), config.width, config.height
+        _rng(config, split, index, _STATIC),
+        _rng(config, split, index, _DYNAMIC),
+        config.width,
+        config.height,
     )
     raster = rasterize(layout)
-    depth = depth_to_png(raster.depth) if config.with_depth else np.zeros(raster.label.shape, np.uint8)
+    depth = (
+        depth_to_png(raster.depth) if config.with_depth else np.zeros(raster.label.shape, np.uint8)
+    )
     if split.startswith("day"):
         image = render_day(raster, _rng(config, split, index, _RENDER))
         return SynthNightSample(split, index, image, raster.label, depth)
@@ -119,10 +153,13 @@ def make_sample(config: SynthNightConfig, split: str, index: int) -> SynthNightS
     if config.with_refs:
         rng_ref = _rng(config, split, index, _REF_RENDER)
         cam = layout.camera
-        zoom = rng_ref.uniform(0.95, 1.05)
-        shift = rng_ref.uniform(-0.04, 0.04, size=2) * np.array([cam.width, cam.height])
+        zoom = rng_ref.uniform(*REF_ZOOM)
+        shift = rng_ref.uniform(-REF_SHIFT, REF_SHIFT, size=2) * np.array([cam.width, cam.height])
         traffic = sample_dynamic(_rng(config, split, index, _REF_DYNAMIC), layout.street)
-        ref_raster = rasterize(replace(layout, dynamic=traffic), cam.moved(float(shift[0]), float(shift[1]), float(zoom)))
+        ref_raster = rasterize(
+            replace(layout, dynamic=traffic),
+            cam.moved(float(shift[0]), float(shift[1]), float(zoom)),
+        )
         sample.reference = render_day(ref_raster, rng_ref)
     if config.with_events:
         rng_ev = _rng(config, split, index, _EVENTS)
@@ -152,7 +189,12 @@ def sample_paths(split: str, index: int) -> dict[str, Path]:
     dz = Path("dark_zurich")
     return {
         "image": dz / "rgb_anon" / sub / "night" / rec / f"{stem}_rgb_anon.png",
-        "reference": dz / "rgb_anon" / f"{sub}_ref" / "day" / f"{rec}_ref" / f"{stem}_ref_rgb_anon.png",
+        "reference": dz
+        / "rgb_anon"
+        / f"{sub}_ref"
+        / "day"
+        / f"{rec}_ref"
+        / f"{stem}_ref_rgb_anon.png",
         "label": dz / "gt" / sub / "night" / rec / f"{stem}_gt_labelTrainIds.png",
         "depth": dz / "depth_any" / sub / "night" / rec / f"{stem}_depth.png",
         "events": dz / "events" / sub / "night" / rec / f"{stem}_events.h5",
@@ -167,7 +209,9 @@ def written_keys(config: SynthNightConfig, split: str) -> tuple[str, ...]:
     if config.with_depth:
         keys.append("depth")
     if split.startswith("night"):
-        keys += (["reference"] if config.with_refs else []) + (["events"] if config.with_events else [])
+        keys += (["reference"] if config.with_refs else []) + (
+            ["events"] if config.with_events else []
+        )
     return tuple(keys)
 
 
@@ -182,8 +226,38 @@ def _leaf_dirs() -> list[Path]:
     return sorted(set(dirs))
 
 
+def png_bytes(array: np.ndarray, level: int, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> bytes:
+    """Encode an (H, W) or (H, W, 3) uint8 array as PNG with the "Up" filter and zlib ``level``.
+
+    A minimal encoder (IHDR, one IDAT, IEND): deterministic, and about twice as fast as Pillow's
+    for noisy images because it skips Pillow's per-row adaptive filter choice.
+    """
+    h, w = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    rows = array.reshape(h, w * channels)
+    up = rows.copy()
+    up[1:] -= rows[:-1]  # uint8 wrap-around, as the PNG Up filter defines it
+    raw = np.concatenate([np.full((h, 1), 2, dtype=np.uint8), up], axis=1).tobytes()
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    colour_type = {1: 0, 3: 2}[channels]
+    header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
+    z = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
+    idat = z.compress(raw) + z.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
 def _save_png(path: Path, array: np.ndarray) -> None:
-    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+    # Noisy RGB images: Huffman-only coding of the Up residuals is faster and smaller than LZ77
+    # matching. Labels and depth maps are smooth: default deflate.
+    if array.ndim == 3:
+        path.write_bytes(png_bytes(array, 1, zlib.Z_HUFFMAN_ONLY))
+    else:
+        path.write_bytes(png_bytes(array, 6))
 
 
 def _job(args: tuple[SynthNightConfig, str, int, str]) -> dict:
@@ -191,20 +265,29 @@ def _job(args: tuple[SynthNightConfig, str, int, str]) -> dict:
     s = make_sample(config, split, index)
     paths = {k: Path(root) / v for k, v in sample_paths(split, index).items()}
     keys = written_keys(config, split)
-    for key, array in (("image", s.image), ("label", s.label), ("depth", s.depth), ("reference", s.reference)):
+    for key, array in (
+        ("image", s.image),
+        ("label", s.label),
+        ("depth", s.depth),
+        ("reference", s.reference),
+    ):
         if key in keys:
             _save_png(paths[key], array)
     n_events = 0
     if "events" in keys:
-        t_offset = 1_000_000 * (index + 1)
+        t_offset = T_OFFSET_STEP_US * (index + 1)
         write_events_h5(paths["events"], s.events, t_offset, t_offset + EventSimConfig().window_us)
         n_events = len(s.events)
     return {
         "split": split,
         "class_pixels": np.bincount(s.label.ravel(), minlength=256)[:NUM_CLASSES],
-        "luminance": float(luminance(s.image.astype(np.float32)).mean()),
+        "luminance": image_luminance(s.image),
         "events": n_events,
     }
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def config_record(config: SynthNightConfig) -> dict:
@@ -218,9 +301,10 @@ def config_record(config: SynthNightConfig) -> dict:
         "with_events": config.with_events,
         "with_depth": config.with_depth,
         "with_refs": config.with_refs,
-        "night_style": {k: list(v) for k, v in asdict(config.night_style).items()},
-        "day_style": {k: list(v) for k, v in asdict(DayStyle()).items()},
-        "events": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(EventSimConfig()).items()},
+        "night_style": _jsonable(asdict(config.night_style)),
+        "day_style": _jsonable(asdict(DayStyle())),
+        "events": _jsonable(asdict(EventSimConfig())),
+        "reference": {"zoom": list(REF_ZOOM), "shift": REF_SHIFT},
         "cities": {k: list(v) for k, v in DAY_CITIES.items()},
         "recordings": {k: list(v) for k, v in NIGHT_RECORDINGS.items()},
     }
@@ -241,10 +325,16 @@ def _prepare_root(root: Path, record: dict, overwrite: bool) -> bool:
                 f"{root} holds a SynthNight copy with other parameters ({meta}); "
                 "pass overwrite=True to replace it, or choose another root"
             )
-    elif root.exists() and any(root.iterdir()) and not (root / PARTIAL_NAME).exists() and not overwrite:
+    elif (
+        root.exists()
+        and any(root.iterdir())
+        and not (root / PARTIAL_NAME).exists()
+        and not overwrite
+    ):
         raise FileExistsError(
-            f"{root} is not empty and holds no SynthNight copy; pass overwrite=True to write into it "
-            "anyway (only SynthNight's own city/recording folders are replaced), or choose another root"
+            f"{root} is not empty and holds no SynthNight copy; pass overwrite=True to write into "
+            "it anyway (only SynthNight's own city/recording folders are replaced), or choose "
+            "another root"
         )
     return False
 
@@ -285,13 +375,13 @@ def generate(
         for split in ("night_train", "night_val", "day_train", "day_val")  # heavy jobs first
         for i in range(config.count(split))
     ]
-    for split in SPLITS:
-        domain, sub = split.split("_")
-        n_dirs = len(DAY_CITIES[sub] if domain == "day" else NIGHT_RECORDINGS[sub])
-        for i in range(min(n_dirs, config.count(split))):
-            paths = sample_paths(split, i)
-            for key in written_keys(config, split):
-                (root / paths[key]).parent.mkdir(parents=True, exist_ok=True)
+    dirs = {
+        (root / sample_paths(s, i)[k]).parent
+        for _, s, i, _ in jobs
+        for k in written_keys(config, s)
+    }
+    for d in sorted(dirs):
+        d.mkdir(parents=True, exist_ok=True)
     results = _run(jobs, workers, progress)
     stats = _summarise(results)
     tmp = root / (META_NAME + ".tmp")
@@ -308,12 +398,21 @@ def _run(jobs: list, workers: int | None, progress: bool) -> list[dict]:
     results: list[dict] = []
     bar = None
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         bar = Progress(
-            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(),
-        )  # fmt: skip
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         bar.start()
         task = bar.add_task("SynthNight", total=len(jobs))
     try:
@@ -338,7 +437,7 @@ def _run(jobs: list, workers: int | None, progress: bool) -> list[dict]:
 
 
 def _summarise(results: list[dict]) -> dict:
-    out = {}
+    out: dict = {"classes": list(CITYSCAPES_CLASSES)}
     for split in SPLITS:
         rs = [r for r in results if r["split"] == split]
         if not rs:
