@@ -23,3 +23,40 @@ def resolve(table: dict[str, str], name: str, what: str):
         raise ValueError(f"unknown {what} {name!r}; known {what}s: {known}") from None
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+# Methods: name -> "module:build" where build(settings: dict, student) returns a MethodHooks.
+METHODS: dict[str, str] = {}
+
+
+class MethodHooks:
+    """The hooks contributed by the configured methods, grouped by extension point."""
+
+    def __init__(self) -> None:
+        self.refiners: list = []
+        self.mixer = None
+        self.aux_losses: list = []
+
+    def add(self, hook) -> None:
+        from .adapt.hooks import AuxLoss, LabelRefiner, Mixer
+
+        if isinstance(hook, AuxLoss) and hasattr(hook, "stage"):
+            self.aux_losses.append(hook)
+        elif isinstance(hook, Mixer) and getattr(hook, "is_mixer", False):
+            if self.mixer is not None:
+                raise ValueError("two configured methods both replace the mixer; keep one")
+            self.mixer = hook
+        elif isinstance(hook, LabelRefiner):
+            self.refiners.append(hook)
+        else:
+            raise TypeError(f"{hook!r} implements no udaseg.adapt.hooks protocol")
+
+
+def build_methods(methods: dict[str, dict], student) -> MethodHooks:
+    """Build the hooks of every configured method, in the order given."""
+    hooks = MethodHooks()
+    for name, settings in methods.items():
+        build = resolve(METHODS, name, "method")
+        for hook in build(dict(settings or {}), student):
+            hooks.add(hook)
+    return hooks

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classes import IGNORE_INDEX
+from ..models.segmentor import SegOutput
 
 Reduction = Literal["all_pixels", "valid_pixels"]
 
@@ -55,3 +56,27 @@ def seg_cross_entropy(
     if reduction == "valid_pixels":
         return ce.sum() / (target != ignore_index).sum().clamp_min(1)
     raise ValueError(f"reduction must be 'all_pixels' or 'valid_pixels', got {reduction!r}")
+
+
+def segmentation_loss(
+    out: SegOutput,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: Reduction = "all_pixels",
+    detail_weight: float = 0.1,
+) -> torch.Tensor:
+    """CE of a segmentor output; for multi-resolution outputs (HRDA, spec 7.3)::
+
+        L = (1 - lambda_d) * CE(y_fused, y) + lambda_d * CE(y_detail, crop(y, b))
+
+    with ``lambda_d = detail_weight`` (0.1) and the detail crop box b in input pixels (training
+    labels are at input resolution). Pixel weights are cropped the same way.
+    """
+    loss = seg_cross_entropy(out.logits, target, weight, reduction)
+    if out.detail_logits is None or out.crop_box is None:
+        return loss
+    y1, y2, x1, x2 = out.crop_box
+    t = target[..., y1:y2, x1:x2]
+    w = weight[..., y1:y2, x1:x2] if isinstance(weight, torch.Tensor) and weight.ndim >= 2 else weight
+    detail = seg_cross_entropy(out.detail_logits, t, w, reduction)
+    return (1.0 - detail_weight) * loss + detail_weight * detail

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from ..catalog import DATASETS, resolve
 from ..data.transforms import PipelineConfig
@@ -114,9 +114,13 @@ class UDADataModule(L.LightningDataModule):
             self.val_sets[name] = spec.build(pipe.test())
 
     def _train_loader(self, ds) -> DataLoader:
+        # Training is counted in iterations (the papers' 40k), not epochs: with max_steps set, one
+        # "epoch" is the whole run, drawn as repeated random permutations of the split.
+        steps = getattr(self.trainer, "max_steps", -1) if self.trainer is not None else -1
+        num_samples = steps * self.batch_size if steps and steps > 0 else None
         return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=True, drop_last=True,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            ds, batch_size=self.batch_size, sampler=RandomSampler(ds, num_samples=num_samples),
+            drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self):

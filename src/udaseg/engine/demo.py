@@ -35,13 +35,15 @@ class DemoConfig:
     backbone: str = "mit_tiny"
     head: str = "segformer"
     head_channels: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_iters: int = 50
     train_scale: tuple[int, int] = (256, 128)
     crop_size: tuple[int, int] = (128, 128)
     num_workers: int = 2
     overlays_per_split: int = 4
     runs: list[str] = field(default_factory=lambda: ["source_only"])
+    synth: dict = field(default_factory=dict)
+    """Overrides of :class:`~udaseg.data.synthnight.SynthNightConfig` (sizes, counts) for tests."""
 
 
 def _data_root(cfg: DemoConfig) -> Path:
@@ -85,7 +87,7 @@ def build_module(cfg: DemoConfig, run: str):
     )
 
 
-def read_loss_curve(metrics_csv: Path, key: str = "train/loss_src") -> tuple[list[int], list[float]]:
+def read_loss_curve(metrics_csv: Path, key: str = "train/src") -> tuple[list[int], list[float]]:
     """(steps, values) of one logged scalar from a Lightning CSVLogger file."""
     steps, values = [], []
     if not metrics_csv.is_file():
@@ -111,10 +113,11 @@ def train_and_evaluate(cfg: DemoConfig, run: str, dm, out: Path):
         accelerator="cpu",
         devices=1,
         max_steps=cfg.steps,
+        max_epochs=1,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=logger,
-        log_every_n_steps=10,
+        log_every_n_steps=max(1, min(10, cfg.steps)),
         callbacks=[
             RichProgressBar(leave=True),
             ModelCheckpoint(dirpath=out / "checkpoints" / run, filename="last", save_last=False),
@@ -170,7 +173,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     report.mkdir(parents=True, exist_ok=True)
     root = _data_root(cfg)
     console.rule(f"[bold]udaseg demo[/bold]: SynthNight v{GENERATOR_VERSION}, seed {cfg.seed}")
-    generate(root, SynthNightConfig(seed=cfg.seed))
+    generate(root, SynthNightConfig(**{"seed": cfg.seed, **cfg.synth}))
     console.print(f"data: {root}  ({time.perf_counter() - t0:.0f} s)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
 

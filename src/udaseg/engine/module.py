@@ -2,8 +2,9 @@
 
 Training uses manual optimisation (one optimiser step per iteration after one or more
 backward passes, as DACS does) with the paper's AdamW + poly/warm-up schedule stepped per
-iteration. Source-only training is the supervised source loss alone; the self-training loop
-of the "UDA core" plugs in here without this module naming any method.
+iteration. The iteration itself is :meth:`udaseg.adapt.self_training.SelfTraining.step`:
+source-only training when ``self_training`` is None, DACS otherwise, with the methods listed
+under ``methods`` plugged into its extension points. This module never names a method.
 
 Validation scores each named split with its own confusion matrix (synchronised across
 processes) and keeps the last results in :attr:`UDAModule.val_results` for reports.
@@ -17,7 +18,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from ..adapt.losses import seg_cross_entropy
+from ..adapt.self_training import DACSConfig, SelfTraining
 from ..data.classes import label_set as get_label_set
 from ..eval.inference import slide_inference, whole_inference
 from ..eval.metrics import IoUResult, SegmentationMetric
@@ -48,6 +49,9 @@ class UDAModule(L.LightningModule):
         ce_reduction: ``all_pixels`` (mmseg/DAFormer, default) or ``valid_pixels``.
         label_set: evaluation protocol (``cityscapes19``, ``synthia16``, ``dsec18``).
         inference: whole-image or sliding-window evaluation.
+        self_training: DACS settings; None trains on the source only.
+        methods: method name (see ``udaseg.catalog.METHODS``) -> its settings, e.g.
+            ``{"fd": {}, "mic": {"block_size": 64}}``; they stack in the order given.
     """
 
     def __init__(
@@ -62,6 +66,8 @@ class UDAModule(L.LightningModule):
         ce_reduction: Literal["all_pixels", "valid_pixels"] = "all_pixels",
         label_set: str = "cityscapes19",
         inference: InferenceConfig | None = None,
+        self_training: DACSConfig | None = None,
+        methods: dict[str, dict] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -75,6 +81,13 @@ class UDAModule(L.LightningModule):
             drop_path_rate=drop_path_rate,
             head_channels=head_channels,
             pretrained=pretrained,
+        )
+        from ..catalog import build_methods
+
+        hooks = build_methods(methods or {}, self.model)
+        self.algorithm = SelfTraining(
+            self.model, self_training, refiners=hooks.refiners, mixer=hooks.mixer,
+            aux_losses=hooks.aux_losses, ce_reduction=ce_reduction,
         )
         self.automatic_optimization = False
         self.val_metrics = torch.nn.ModuleDict()
@@ -103,18 +116,17 @@ class UDAModule(L.LightningModule):
         opt, sched = build_optimizer(self.model, self.optim_cfg, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        src = batch["source"]
+    def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()
         sched = self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
-        out = self.model(src["image"])
-        loss = seg_cross_entropy(out.logits, src["label"], reduction=self.hparams.ce_reduction)
-        self.manual_backward(loss)
+        losses = self.algorithm.step(
+            self.model, batch["source"], batch.get("target"), self.global_step, self.manual_backward
+        )
         opt.step()
         sched.step()
-        self.log("train/loss_src", loss.detach(), prog_bar=True)
-        return loss.detach()
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name in ("src", "mix"))
 
     # ------------------------------------------------------------------ evaluation
     def _split_names(self) -> list[str]:

@@ -58,10 +58,15 @@ class SegOutput:
         logits: ``(B, K, H/4, W/4)`` class scores at the finest feature level (not upsampled).
         features: the backbone levels ``[(B, C_i, H_i, W_i)]``, finest first (used e.g. by the
             ImageNet feature distance).
+        detail_logits: multi-resolution segmentors (HRDA) only: ``(B, K, h_d, w_d)`` logits of the
+            high-resolution detail crop; None otherwise.
+        crop_box: the detail crop ``(y1, y2, x1, x2)`` in input-pixel coordinates, or None.
     """
 
     logits: Tensor
     features: list[Tensor]
+    detail_logits: Tensor | None = None
+    crop_box: tuple[int, int, int, int] | None = None
 
 
 class EncoderDecoder(nn.Module):

@@ -44,7 +44,7 @@ Night defaults (:class:`NightStyle`; each a (low, high) range drawn uniformly pe
     ``exposure`` (0.05, 0.12)           g: ambient gain relative to daylight
     ``gamma`` (1.15, 1.45)              γ: ambient exponent
     ``cast_warmth`` (0.0, 1.0)          w: from moonlight (0.55, 0.7, 1) to sodium (1, 0.62, 0.32)
-    ``sky_level`` (0.003, 0.012)        L_sky: zenith sky radiance
+    ``sky_level`` (0.01, 0.03)          L_sky: zenith sky radiance
     ``sky_glow`` (1.5, 5.0)             G: horizon light-pollution factor
     ``lamp_power`` (8.0, 30.0)          P: street-lamp intensity
     ``lamp_warmth`` (0.0, 1.0)          c_lamp: from LED (0.95, 0.97, 1) to sodium (1, 0.55, 0.18)
@@ -169,7 +169,7 @@ class NightStyle:
     """Exponent γ of the ambient term; > 1 darkens dark surfaces more than bright ones."""
     cast_warmth: tuple[float, float] = (0.0, 1.0)
     """Ambient colour cast: 0 = moonlight (0.55, 0.7, 1.0), 1 = sodium glow (1.0, 0.62, 0.32)."""
-    sky_level: tuple[float, float] = (0.003, 0.012)
+    sky_level: tuple[float, float] = (0.01, 0.03)
     """Linear radiance of the zenith sky."""
     sky_glow: tuple[float, float] = (1.5, 5.0)
     """Light-pollution brightening of the sky at the horizon (factor)."""
@@ -419,7 +419,8 @@ def render_night(
         (1 - p.cast_warmth) * 0.6 * _CAST_COOL[:, None]
         + 0.5 * (0.4 + 0.6 * p.cast_warmth) * _CAST_SODIUM[:, None] * glow_profile[None, :]
     )  # (3, rows)
-    cloud = np.clip(luminance(r.albedo[:, :rows]) / 0.6, 0.5, 2.0)
+    # clouds keep visible structure at night (a day-trained model must still find the sky)
+    cloud = np.clip(luminance(r.albedo[:, :rows]) / 0.5, 0.3, 2.5)
     np.copyto(
         img[:, :rows],
         (sky_col[:, :, None] * cloud).astype(np.float32),

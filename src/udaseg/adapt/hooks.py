@@ -1,0 +1,116 @@
+"""Typed extension points of the self-training loop (the only contract between loop and methods).
+
+The base loop (:mod:`udaseg.adapt.self_training`) calls, in a fixed order::
+
+    1. EMA teacher update
+    2. student(source)          -> L_src  + every AuxLoss with stage "source"   -> backward
+    3. teacher(target)          -> PseudoLabels
+    4. every LabelRefiner       : PseudoLabels -> PseudoLabels   (Refign, CDDA, DSRNSS)
+    5. the Mixer                : (source, target, PseudoLabels) -> MixedBatch (ClassMix by default)
+    6. strong augmentation of the mixed image; student(mixed) -> L_mix
+       + every AuxLoss with stage "target" (MIC, CISS, prototypes, ...)                -> backward
+    7. (the engine) one optimiser step
+
+Data-side extras (a stylised copy, a day reference, events, depth) ride in the batch dicts as
+extra views, produced by the data pipeline; methods read them from ``ctx.source`` /
+``ctx.target`` by key. A method is one module implementing one or more of these protocols plus
+a config block; methods stack by listing them. The loop never names a method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from ..models.segmentor import SegOutput
+
+Stage = Literal["source", "target"]
+
+
+@dataclass
+class PseudoLabels:
+    """Teacher output on the clean target batch.
+
+    Attributes:
+        label: (B, H, W) int64 argmax labels.
+        weight: (B, H, W) float pixel weights (DACS: one quality scalar per batch, 0 in PL-crop margins).
+        prob: (B, K, H, W) teacher softmax (what refiners may re-weight), or None.
+        valid: (B, H, W) float mask of pixels that may carry a pseudo-label (PL crop), or None.
+    """
+
+    label: Tensor
+    weight: Tensor
+    prob: Tensor | None = None
+    valid: Tensor | None = None
+
+
+@dataclass
+class MixedBatch:
+    """The image the student sees in the target pass and its supervision.
+
+    Attributes:
+        image: (B, 3, H, W) normalised image (before strong augmentation).
+        label: (B, H, W) int64 labels (source labels where ``mask`` is 1, pseudo-labels elsewhere).
+        weight: (B, H, W) float pixel weights.
+        mask: (B, 1, H, W) float, 1 where the pixel comes from the source image.
+    """
+
+    image: Tensor
+    label: Tensor
+    weight: Tensor
+    mask: Tensor
+
+
+@dataclass
+class StepContext:
+    """Everything a hook may read in one iteration; filled in as the step proceeds.
+
+    ``losses`` collects the detached value of every term under its log name.
+    """
+
+    step: int
+    source: dict
+    target: dict
+    student: nn.Module
+    teacher: nn.Module | None
+    source_out: SegOutput | None = None
+    pseudo: PseudoLabels | None = None
+    mixed: MixedBatch | None = None
+    mixed_out: SegOutput | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.source["image"].device
+
+
+@runtime_checkable
+class LabelRefiner(Protocol):
+    """Refine teacher pseudo-labels and/or their weights (Refign, CDDA, DSRNSS)."""
+
+    def __call__(self, ctx: StepContext, pseudo: PseudoLabels) -> PseudoLabels: ...
+
+
+@runtime_checkable
+class Mixer(Protocol):
+    """Decide which pixels of the source are pasted onto the target (ClassMix, DSRNSS, CDDA)."""
+
+    def __call__(self, ctx: StepContext, pseudo: PseudoLabels) -> MixedBatch: ...
+
+
+@runtime_checkable
+class AuxLoss(Protocol):
+    """An extra loss with its own weight and log name (FD, MIC, CISS, CMDA, prototypes).
+
+    ``stage`` says when it runs: ``"source"`` right after the supervised source pass (``ctx.source_out``
+    is set), ``"target"`` after the mixed pass (``ctx.pseudo``, ``ctx.mixed`` and
+    ``ctx.mixed_out`` are set). The returned value is already multiplied by the loss weight.
+    """
+
+    name: str
+    stage: Stage
+
+    def __call__(self, ctx: StepContext) -> Tensor: ...

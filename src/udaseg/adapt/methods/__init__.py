@@ -1,0 +1,1 @@
+"""UDA methods: one module per method, each a config dataclass plus its hook objects."""

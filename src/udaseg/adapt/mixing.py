@@ -1,0 +1,433 @@
+"""ClassMix cross-domain mixing and the DACS strong augmentation (kornia-0.5.8 semantics, pure torch).
+
+References: DACS (Tranheden et al., "DACS: Domain Adaptation via Cross-domain Mixed Sampling",
+WACV 2021, arXiv 2007.08702), ClassMix (Olsson et al., WACV 2021) and DAFormer (Hoyer et al.,
+CVPR 2022, arXiv 2111.14887). Spec sections 3.3 step (4), 3.5, 3.6 and 11 (items 5, 6).
+Written from the spec; no code copied from DACS, DAFormer or kornia.
+
+ClassMix (per image i of the batch)::
+
+    C    = unique values of the WHOLE stacked source label batch y_s (255 included if present,
+           the faithful quirk; ``include_ignore=False`` drops it), n = |C|
+    S_i  = ceil(n / 2) = (n + n mod 2) / 2 values of C, uniformly without replacement,
+           drawn independently per image (torch RNG, seedable ``generator``)
+    M_i  = [y_s[i] in S_i]                                          (1, H, W)
+    x_m  = M * x_s + (1 - M) * x_t
+    y_m  = M * y_s + (1 - M) * yhat_t       (source ignore regions stay 255 when 255 is chosen)
+    w_m  = M * 1   + (1 - M) * W_t
+
+The pseudo-weight ``W_t`` is never written in place (MIC reuses the unmixed weight).
+
+Strong augmentation of the mixed image (mix -> colour jitter -> blur; labels/weights untouched)::
+
+    gates, one per call:  jitter if u_cj > p (p = color_jitter_probability = 0.2, i.e. prob 0.8)
+                          blur   if blur and u_blur > 0.5
+    denormalise           x01 = (x * std + mean) / 255
+    colour jitter (s = color_jitter_strength = 0.2), per-sample factors:
+        brightness  b ~ U(1 - s, 1 + s):  x <- clamp(x + (b - 1), 0, 1)       ADDITIVE (kornia 0.5.8)
+        contrast    c ~ U(1 - s, 1 + s):  x <- clamp(x * c, 0, 1)              multiplicative
+        saturation  a ~ U(1 - s, 1 + s):  S <- clamp(S * a, 0, 1) in HSV
+        hue         h ~ U(-s, s):         H <- (H + 2 pi h) mod 2 pi in HSV (H in radians)
+        the four ops in a random order (one permutation per call; per image with
+        ``order_per_image``), clamp to [0, 1] after each op
+    renormalise           x = (255 * x01 - mean) / std
+    Gaussian blur         sigma ~ U(0.15, 1.15) per image (once per call with
+                          ``sigma_per_image=False``), odd kernel per side L (H vertical, W horizontal)
+                          k(L) = floor(ceil(0.1 L) - 0.5 + (ceil(0.1 L) mod 2))   (51 @ 512, 103 @ 1024)
+                          g(x) ∝ exp(-x^2 / (2 sigma^2)), x = -(k//2)..k//2, normalised to sum 1;
+                          separable, reflect padding, same sigma in x and y; applied to the
+                          normalised image (it commutes with the per-channel affine normalisation).
+
+torchvision's ``ColorJitter`` differs: brightness is multiplicative (x * b), contrast blends with
+the grey mean, hue is a shift in [-0.5, 0.5] turns on a differently computed HSV, and its factor
+order is drawn per call; results are therefore not interchangeable with the above.
+
+Parity notes. In DACS/DAFormer the strong transform is called once per mixed image (a batch of
+one), so each image gets its own op order and its own sigma: ``StrongAugConfig(order_per_image=True,
+sigma_per_image=True)``. MIC's ``*aug`` masking modes call it once for the whole batch (one order,
+one sigma): ``order_per_image=False, sigma_per_image=False``. The defaults here (one order per call,
+sigma per image) follow the udaseg contract. Random streams are torch's, not numpy's/Python's.
+Gates and the op order are drawn on the generator's device (CPU for the global RNG) and read on
+the host; with a CUDA generator that costs one synchronisation per call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data.classes import IGNORE_INDEX
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .hooks import MixedBatch, PseudoLabels, StepContext
+
+__all__ = [
+    "class_mix_choices",
+    "class_mix_masks",
+    "mix",
+    "ClassMixConfig",
+    "ClassMix",
+    "StrongAugConfig",
+    "strong_augment",
+    "color_jitter",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_saturation",
+    "adjust_hue",
+    "rgb_to_hsv",
+    "hsv_to_rgb",
+    "blur_kernel_size",
+    "gaussian_kernel1d",
+    "gaussian_blur",
+]
+
+_NUM_LABEL_SLOTS = 256  # label values are uint8 train IDs (0..18, 255 = ignore)
+
+
+# ----------------------------------------------------------------------------------------------
+# random draws
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+             low: float = 0.0, high: float = 1.0) -> Tensor:
+    """U(low, high) of ``shape`` on ``device``, drawn from ``generator`` (on its own device) if given."""
+    if generator is None:
+        u = torch.rand(shape, device=device)
+    else:
+        u = torch.rand(shape, generator=generator, device=generator.device).to(device)
+    return low + (high - low) * u
+
+
+def _host_uniform(generator: torch.Generator | None) -> float:
+    """One U(0, 1) read on the host (global CPU RNG when no generator: no device sync)."""
+    if generator is None:
+        return float(torch.rand(()))
+    return float(torch.rand((), generator=generator, device=generator.device))
+
+
+def _host_randperm(n: int, generator: torch.Generator | None) -> list[int]:
+    if generator is None:
+        return torch.randperm(n).tolist()
+    return torch.randperm(n, generator=generator, device=generator.device).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# ClassMix
+
+
+def _as_bhw(source_labels: Tensor) -> Tensor:
+    y = source_labels
+    if y.ndim == 4 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 3:
+        raise ValueError(f"ClassMix: expected (B, H, W) labels, got {tuple(source_labels.shape)}")
+    return y.long()
+
+
+def class_mix_choices(
+    source_labels: Tensor,
+    generator: torch.Generator | None = None,
+    include_ignore: bool = True,
+) -> Tensor:
+    """The classes each image pastes: (B, 256) bool over label values 0..255.
+
+    Candidates are the values present anywhere in the (B, H, W) batch (255 included when
+    ``include_ignore``); each row independently picks ceil(n/2) of them uniformly without
+    replacement (the ceil(n/2) smallest of i.i.d. U(0, 1) sort keys). On-device, no host sync.
+    """
+    y = _as_bhw(source_labels)
+    present = torch.zeros(_NUM_LABEL_SLOTS, dtype=torch.bool, device=y.device)
+    present[y.reshape(-1)] = True
+    if not include_ignore:
+        present[IGNORE_INDEX] = False
+    n = present.sum()
+    k = (n + n % 2) // 2
+    keys = _uniform((y.shape[0], _NUM_LABEL_SLOTS), generator, y.device)
+    keys = torch.where(present, keys, torch.full_like(keys, 2.0))  # absent values sort last
+    rank = keys.argsort(dim=1).argsort(dim=1)
+    return rank < k  # absent values are never chosen: their rank is >= n >= k
+
+
+def class_mix_masks(
+    source_labels: Tensor,
+    generator: torch.Generator | None = None,
+    include_ignore: bool = True,
+) -> Tensor:
+    """ClassMix masks (B, 1, H, W) float from source labels (B, H, W) (or (B, 1, H, W)).
+
+    ``M_i = [y_s[i] in S_i]`` with ``S_i`` from :func:`class_mix_choices`. Label values must lie
+    in 0..255. Fully on-device, no host synchronisation.
+    """
+    y = _as_bhw(source_labels)
+    chosen = class_mix_choices(y, generator, include_ignore).float()
+    b = y.shape[0]
+    return torch.gather(chosen, 1, y.reshape(b, -1)).reshape(b, 1, *y.shape[-2:])
+
+
+def mix(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``mask * a + (1 - mask) * b``; ``mask`` (B, 1, H, W) broadcasts over (B, C, H, W) or (B, H, W).
+
+    Integer tensors (labels) are selected with ``where(mask != 0, a, b)``, which equals the formula
+    for a binary mask and keeps the dtype.
+    """
+    m = mask
+    if a.ndim == mask.ndim - 1:
+        m = mask[:, 0]
+    if a.is_floating_point():
+        m = m.to(a.dtype)
+        return m * a + (1 - m) * b
+    return torch.where(m != 0, a, b)
+
+
+@dataclass
+class ClassMixConfig:
+    """ClassMix options; ``include_ignore`` keeps 255 among the candidate classes (faithful)."""
+
+    include_ignore: bool = True
+
+
+class ClassMix:
+    """The default :class:`~udaseg.adapt.hooks.Mixer`: paste half of the source batch's classes onto the target.
+
+    Reads ``ctx.source["image"]``, ``ctx.source["label"]`` and ``ctx.target["image"]``; returns a
+    new :class:`MixedBatch` (``pseudo`` is not modified).
+    """
+
+    def __init__(self, cfg: ClassMixConfig | None = None, generator: torch.Generator | None = None) -> None:
+        self.cfg = cfg or ClassMixConfig()
+        self.generator = generator
+
+    def __call__(self, ctx: StepContext, pseudo: PseudoLabels) -> MixedBatch:
+        src_img, tgt_img = ctx.source["image"], ctx.target["image"]
+        src_lbl = ctx.source["label"]
+        if src_lbl.ndim == 4:
+            src_lbl = src_lbl[:, 0]
+        mask = class_mix_masks(src_lbl, self.generator, self.cfg.include_ignore)
+        image = mix(mask, src_img, tgt_img)
+        label = mix(mask, src_lbl.long(), pseudo.label.long())
+        weight = mix(mask, torch.ones_like(pseudo.weight), pseudo.weight)
+        return MixedBatch(image=image, label=label, weight=weight, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# colour space
+
+
+def rgb_to_hsv(rgb: Tensor) -> Tensor:
+    """(..., 3, H, W) RGB in [0, 1] -> HSV with H in radians [0, 2 pi), S and V in [0, 1].
+
+    V = max, S = (max - min) / max (0 where max = 0), H = hexcone hue (0 where max = min).
+    """
+    r, g, b = rgb.unbind(dim=-3)
+    maxc, argmax = rgb.max(dim=-3)
+    minc = rgb.min(dim=-3).values
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    d = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h_r = torch.remainder((g - b) / d, 6.0)
+    h_g = (b - r) / d + 2.0
+    h_b = (r - g) / d + 4.0
+    h = torch.where(argmax == 0, h_r, torch.where(argmax == 1, h_g, h_b))
+    h = torch.where(delta > 0, h, torch.zeros_like(h)) * (math.pi / 3.0)
+    h = torch.remainder(h, 2 * math.pi)
+    return torch.stack((h, s, maxc), dim=-3)
+
+
+def hsv_to_rgb(hsv: Tensor) -> Tensor:
+    """Inverse of :func:`rgb_to_hsv` (any real H, taken mod 2 pi).
+
+    Closed form: ``f(n) = V - V S max(0, min(k, 4 - k, 1))`` with ``k = (n + 3 H / pi) mod 6`` and
+    (R, G, B) = (f(5), f(3), f(1)).
+    """
+    h, s, v = hsv.unbind(dim=-3)
+    h6 = h * (3.0 / math.pi)
+
+    def f(n: float) -> Tensor:
+        k = torch.remainder(n + h6, 6.0)
+        return v - v * s * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+
+    return torch.stack((f(5.0), f(3.0), f(1.0)), dim=-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# colour jitter (kornia 0.5.8 semantics)
+
+
+def _per_sample(factor: Tensor | float, x: Tensor) -> Tensor:
+    """A float or a (B,) tensor of factors shaped to broadcast over (B, ..., H, W) images."""
+    f = torch.as_tensor(factor, dtype=x.dtype, device=x.device)
+    if f.ndim == 1:
+        f = f.view(-1, *([1] * (x.ndim - 1)))
+    return f
+
+
+def adjust_brightness(x: Tensor, factor: Tensor | float) -> Tensor:
+    """Additive brightness (kornia 0.5.8): ``clamp(x + (b - 1), 0, 1)``; b per sample or scalar."""
+    return (x + (_per_sample(factor, x) - 1)).clamp(0.0, 1.0)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor | float) -> Tensor:
+    """Multiplicative contrast (kornia 0.5.8): ``clamp(x * c, 0, 1)``."""
+    return (x * _per_sample(factor, x)).clamp(0.0, 1.0)
+
+
+def adjust_saturation(x: Tensor, factor: Tensor | float) -> Tensor:
+    """HSV saturation scaling: ``S <- clamp(S * a, 0, 1)``, back to RGB, clamp to [0, 1]."""
+    hsv = rgb_to_hsv(x)
+    h, s, v = hsv.unbind(dim=-3)
+    f = _per_sample(factor, s)
+    s = (s * f).clamp(0.0, 1.0)
+    return hsv_to_rgb(torch.stack((h, s, v), dim=-3)).clamp(0.0, 1.0)
+
+
+def adjust_hue(x: Tensor, factor: Tensor | float) -> Tensor:
+    """HSV hue rotation by ``2 pi h`` radians (``h`` in turns, U(-s, s) in the jitter); clamp to [0, 1]."""
+    hsv = rgb_to_hsv(x)
+    h, s, v = hsv.unbind(dim=-3)
+    f = _per_sample(factor, h)
+    h = torch.remainder(h + 2 * math.pi * f, 2 * math.pi)
+    return hsv_to_rgb(torch.stack((h, s, v), dim=-3)).clamp(0.0, 1.0)
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def color_jitter(
+    x: Tensor,
+    brightness: Tensor | float,
+    contrast: Tensor | float,
+    saturation: Tensor | float,
+    hue: Tensor | float,
+    order: list[int] | tuple[int, ...] = (0, 1, 2, 3),
+) -> Tensor:
+    """Apply the four jitter ops to (B, 3, H, W) images in [0, 1] in ``order``.
+
+    ``order`` indexes (0 brightness, 1 contrast, 2 saturation, 3 hue); factors are floats or (B,).
+    """
+    factors = (brightness, contrast, saturation, hue)
+    for i in order:
+        x = _JITTER_OPS[i](x, factors[i])
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian blur
+
+
+def blur_kernel_size(length: int) -> int:
+    """DACS kernel size for a side of ``length`` pixels: floor(ceil(0.1 L) - 0.5 + ceil(0.1 L) mod 2)."""
+    c = math.ceil(0.1 * length)
+    return int(math.floor(c - 0.5 + c % 2))
+
+
+def gaussian_kernel1d(size: int, sigma: Tensor) -> Tensor:
+    """Normalised 1-D Gaussian kernels (N, size) for sigmas (N,), centred at size // 2."""
+    sigma = sigma.reshape(-1, 1)
+    x = torch.arange(size, dtype=sigma.dtype, device=sigma.device) - size // 2
+    if size % 2 == 0:
+        x = x + 0.5
+    g = torch.exp(-(x * x) / (2 * sigma * sigma))
+    return g / g.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor | float) -> Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with per-image ``sigma`` (float or (B,)), reflect padding.
+
+    Kernel sizes are :func:`blur_kernel_size` of H (vertical) and W (horizontal).
+    """
+    b, c, hgt, wid = x.shape
+    sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
+    if sig.numel() == 1:
+        sig = sig.expand(b)
+    ky, kx = blur_kernel_size(hgt), blur_kernel_size(wid)
+    out = x.reshape(1, b * c, hgt, wid)
+    if ky > 1:
+        wy = gaussian_kernel1d(ky, sig).repeat_interleave(c, dim=0).view(b * c, 1, ky, 1)
+        out = F.conv2d(F.pad(out, (0, 0, ky // 2, ky // 2), mode="reflect"), wy, groups=b * c)
+    if kx > 1:
+        wx = gaussian_kernel1d(kx, sig).repeat_interleave(c, dim=0).view(b * c, 1, 1, kx)
+        out = F.conv2d(F.pad(out, (kx // 2, kx // 2, 0, 0), mode="reflect"), wx, groups=b * c)
+    return out.reshape(b, c, hgt, wid)
+
+
+# ----------------------------------------------------------------------------------------------
+# strong augmentation
+
+
+@dataclass
+class StrongAugConfig:
+    """DACS strong augmentation settings (spec 3.6 / 3.8 defaults).
+
+    Attributes:
+        color_jitter_strength: s; factors U(1-s, 1+s), hue U(-s, s).
+        color_jitter_probability: p; jitter is applied when the gate u > p (prob 1 - p).
+        blur: enable the Gaussian blur gate (applied when u > 0.5).
+        mean, std: the normalisation of the input images (0..255 units).
+        order_per_image: draw the jitter op order per image (DACS mixed-image parity) instead
+            of once per call.
+        sigma_per_image: draw the blur sigma per image (DACS mixed-image parity) instead of once
+            per call (MIC ``*aug`` modes).
+    """
+
+    color_jitter_strength: float = 0.2
+    color_jitter_probability: float = 0.2
+    blur: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    order_per_image: bool = False
+    sigma_per_image: bool = True
+
+
+def strong_augment(
+    images: Tensor,
+    cfg: StrongAugConfig | None = None,
+    generator: torch.Generator | None = None,
+    jitter_gate: bool | None = None,
+    blur_gate: bool | None = None,
+) -> Tensor:
+    """DACS colour jitter + Gaussian blur of normalised (B, 3, H, W) images (see the module docstring).
+
+    Both gates are always drawn (so the random stream does not depend on the overrides);
+    ``jitter_gate`` / ``blur_gate`` = True/False force them (``blur_gate=True`` blurs even when
+    ``cfg.blur`` is False). With both gates off the input tensor is returned unchanged.
+    Random draws, in order: u_cj, u_blur, then (jitter) brightness, contrast, saturation, hue
+    factors (B,) and the op order, then (blur) sigma.
+    """
+    cfg = cfg or StrongAugConfig()
+    u_cj = _host_uniform(generator)
+    u_blur = _host_uniform(generator)
+    do_jitter = (u_cj > cfg.color_jitter_probability) if jitter_gate is None else bool(jitter_gate)
+    do_blur = (cfg.blur and u_blur > 0.5) if blur_gate is None else bool(blur_gate)
+    if not (do_jitter or do_blur):
+        return images
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"strong_augment: expected (B, 3, H, W) images, got {tuple(images.shape)}")
+    x = images.float()
+    b, dev = x.shape[0], x.device
+    if do_jitter:
+        s = float(cfg.color_jitter_strength)
+        lo, hi = max(0.0, 1.0 - s), 1.0 + s
+        bri = _uniform((b,), generator, dev, lo, min(hi, 2.0))
+        con = _uniform((b,), generator, dev, lo, hi)
+        sat = _uniform((b,), generator, dev, lo, hi)
+        hue = _uniform((b,), generator, dev, -min(s, 0.5), min(s, 0.5))
+        mean = torch.tensor(cfg.mean, dtype=x.dtype, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std, dtype=x.dtype, device=dev).view(1, 3, 1, 1)
+        x01 = (x * std + mean) / 255.0
+        if cfg.order_per_image:
+            orders = [_host_randperm(4, generator) for _ in range(b)]
+            x01 = torch.cat([
+                color_jitter(x01[i : i + 1], bri[i : i + 1], con[i : i + 1], sat[i : i + 1],
+                             hue[i : i + 1], orders[i])
+                for i in range(b)
+            ])
+        else:
+            x01 = color_jitter(x01, bri, con, sat, hue, _host_randperm(4, generator))
+        x = (x01 * 255.0 - mean) / std
+    if do_blur:
+        sigma = _uniform((b,) if cfg.sigma_per_image else (1,), generator, dev, 0.15, 1.15)
+        x = gaussian_blur(x, sigma)
+    return x.to(images.dtype)
