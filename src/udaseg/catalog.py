@@ -25,8 +25,39 @@ def resolve(table: dict[str, str], name: str, what: str):
     return getattr(importlib.import_module(module), attr)
 
 
-# Methods: name -> "module:build" where build(settings: dict, student) returns a MethodHooks.
-METHODS: dict[str, str] = {}
+# Methods: name -> "module:function" where function(settings: dict, student) returns the list of
+# hooks (udaseg.adapt.hooks protocols) that the method contributes.
+METHODS: dict[str, str] = {
+    "fd": "udaseg.catalog:_build_fd",
+    "mic": "udaseg.catalog:_build_mic",
+}
+
+
+def config_from_dict(cls, settings: dict, where: str):
+    """Instantiate the dataclass ``cls`` from ``settings``; unknown keys are a clear error."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown setting(s) {unknown}; {cls.__name__} accepts: {sorted(names)}"
+        )
+    return cls(**settings)
+
+
+def _build_fd(settings: dict, student) -> list:
+    from .adapt.methods.fd import FDConfig, ImageNetFeatureDistance
+
+    cfg = config_from_dict(FDConfig, settings, "model.methods.fd")
+    return [ImageNetFeatureDistance(student, cfg)]
+
+
+def _build_mic(settings: dict, student) -> list:
+    from .adapt.methods.mic import MaskedImageConsistency, MICConfig
+
+    cfg = config_from_dict(MICConfig, settings, "model.methods.mic")
+    return [MaskedImageConsistency(cfg)]
 
 
 class MethodHooks:

@@ -124,12 +124,14 @@ def _normalised(seed=0, shape=(2, 3, 16, 16)):
 def test_gates_off_is_identity():
     x = _normalised()
     assert torch.equal(strong_augment(x, StrongAugConfig(), jitter_gate=False, blur_gate=False), x)
-    assert torch.equal(strong_augment(x, StrongAugConfig(color_jitter_probability=1.0, blur=False)), x)
+    never = StrongAugConfig(color_jitter_probability=1.0, blur=False)
+    assert torch.equal(strong_augment(x, never), x)
 
 
 def test_brightness_is_additive_and_contrast_multiplicative():
     x = torch.rand(2, 3, 4, 4)
-    assert torch.allclose(adjust_brightness(x, 1.1), (x + 0.1).clamp(0, 1), atol=1e-6)  # not x * 1.1
+    # additive, not x * 1.1
+    assert torch.allclose(adjust_brightness(x, 1.1), (x + 0.1).clamp(0, 1), atol=1e-6)
     assert torch.equal(adjust_brightness(x, 1.5), (x + 0.5).clamp(0, 1))
     b = torch.tensor([0.8, 1.2])
     exp = torch.stack([(x[0] - 0.2).clamp(0, 1), (x[1] + 0.2).clamp(0, 1)])
@@ -145,13 +147,15 @@ def test_hsv_round_trip_and_known_colours():
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)
     assert torch.allclose(adjust_hue(x, 0.0), x, atol=1e-5)
     assert torch.allclose(adjust_saturation(x, 1.0), x, atol=1e-5)
-    rgb = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0.5], [0, 0, 0]]).T.reshape(1, 3, 1, 5)
+    colours = [[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0.5], [0, 0, 0]]
+    rgb = torch.tensor(colours).T.reshape(1, 3, 1, 5)
     hsv = rgb_to_hsv(rgb)[0, :, 0]
     assert torch.allclose(hsv[0], torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3, 0, 0]))
     assert torch.allclose(hsv[1], torch.tensor([1.0, 1, 1, 0, 0]))
     assert torch.allclose(hsv[2], torch.tensor([1.0, 1, 1, 0.5, 0]))
     # a third of a turn maps red -> green -> blue; saturation 0 gives grey
-    assert torch.allclose(adjust_hue(rgb, 1 / 3)[0, :, 0, :3], torch.eye(3)[:, [1, 2, 0]], atol=1e-6)
+    rotated = adjust_hue(rgb, 1 / 3)[0, :, 0, :3]
+    assert torch.allclose(rotated, torch.eye(3)[:, [1, 2, 0]], atol=1e-6)
     grey = adjust_saturation(x, 0.0)
     assert torch.allclose(grey, x.max(1, keepdim=True).values.expand_as(x), atol=1e-6)
 
@@ -185,10 +189,12 @@ def test_strong_augment_range_and_seeding():
     lo, hi = (0 - MEAN) / STD, (255 - MEAN) / STD
     for order_per_image in (False, True):
         cfg = StrongAugConfig(order_per_image=order_per_image)
-        y = strong_augment(x, cfg, torch.Generator().manual_seed(1), jitter_gate=True, blur_gate=True)
+        gen = torch.Generator().manual_seed(1)
+        y = strong_augment(x, cfg, gen, jitter_gate=True, blur_gate=True)
         assert y.shape == x.shape and not torch.equal(y, x)
         assert (y >= lo - 1e-4).all() and (y <= hi + 1e-4).all()
-        y2 = strong_augment(x, cfg, torch.Generator().manual_seed(1), jitter_gate=True, blur_gate=True)
+        gen = torch.Generator().manual_seed(1)
+        y2 = strong_augment(x, cfg, gen, jitter_gate=True, blur_gate=True)
         assert torch.equal(y, y2)
     # blur only: the per-channel spatial mean is nearly preserved
     yb = strong_augment(x, StrongAugConfig(), jitter_gate=False, blur_gate=True)
@@ -199,6 +205,6 @@ def test_strong_augment_gates_follow_probabilities():
     x = _normalised(shape=(1, 3, 8, 8))
     g = torch.Generator().manual_seed(0)
     # p = 0 -> jitter always (u > 0); blur disabled -> only jitter can change x
-    changed = [not torch.equal(strong_augment(x, StrongAugConfig(color_jitter_probability=0.0, blur=False), g), x)
-               for _ in range(20)]
+    always = StrongAugConfig(color_jitter_probability=0.0, blur=False)
+    changed = [not torch.equal(strong_augment(x, always, g), x) for _ in range(20)]
     assert all(changed)

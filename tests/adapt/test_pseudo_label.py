@@ -71,4 +71,5 @@ def test_pl_crop_v2_mask():
     assert m[29].sum() == 0 and m[30, 30] == 1 and m[30, 29] == 0
     assert m[1024 - 241, 2048 - 31] == 1 and m[1024 - 240].sum() == 0 and m[:, 2048 - 30].sum() == 0
     small = pl_crop_v2_mask(5, 4, top=1, bottom=2, left=0, right=1)
-    assert torch.equal(small, torch.tensor([[0.0] * 4, [1, 1, 1, 0], [1, 1, 1, 0], [0] * 4, [0] * 4]))
+    exp = torch.tensor([[0.0] * 4, [1, 1, 1, 0], [1, 1, 1, 0], [0] * 4, [0] * 4])
+    assert torch.equal(small, exp)

@@ -75,7 +75,9 @@ def test_teacher_in_state_dict():
 
 def _net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), DropPath(0.5), nn.Linear(8, 3))
+    return nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), DropPath(0.5), nn.Linear(8, 3)
+    )
 
 
 def test_teacher_forward_mode_bn_train_dropout_off():

@@ -146,11 +146,10 @@ def test_fusion_formula_on_conv_stub():
     y1, y2, x1, x2 = out.crop_box
     with torch.no_grad():
         f_c = F.avg_pool2d(_up(x, (64, 64)), 4)
-        y_c, a = head.conv(f_c), torch.sigmoid(att.conv(f_c))
-        a = a * 0
-        a[..., y1 // 8 : y2 // 8, x1 // 8 : x2 // 8] = torch.sigmoid(att.conv(f_c))[
-            ..., y1 // 8 : y2 // 8, x1 // 8 : x2 // 8
-        ]
+        y_c, a_full = head.conv(f_c), torch.sigmoid(att.conv(f_c))
+        a = torch.zeros_like(a_full)  # attention zeroed outside the box (LR stride 8)
+        box_lr = (..., slice(y1 // 8, y2 // 8), slice(x1 // 8, x2 // 8))
+        a[box_lr] = a_full[box_lr]
         y_d = head.conv(F.avg_pool2d(x[..., y1:y2, x1:x2], 4))
         ins = torch.zeros(2, K, 32, 32)
         ins[..., y1 // 4 : y2 // 4, x1 // 4 : x2 // 4] = y_d

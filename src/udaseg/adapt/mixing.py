@@ -1,4 +1,4 @@
-"""ClassMix cross-domain mixing and the DACS strong augmentation (kornia-0.5.8 semantics, pure torch).
+"""ClassMix cross-domain mixing and DACS strong augmentation (kornia-0.5.8 semantics, pure torch).
 
 References: DACS (Tranheden et al., "DACS: Domain Adaptation via Cross-domain Mixed Sampling",
 WACV 2021, arXiv 2007.08702), ClassMix (Olsson et al., WACV 2021) and DAFormer (Hoyer et al.,
@@ -24,7 +24,7 @@ Strong augmentation of the mixed image (mix -> colour jitter -> blur; labels/wei
                           blur   if blur and u_blur > 0.5
     denormalise           x01 = (x * std + mean) / 255
     colour jitter (s = color_jitter_strength = 0.2), per-sample factors:
-        brightness  b ~ U(1 - s, 1 + s):  x <- clamp(x + (b - 1), 0, 1)       ADDITIVE (kornia 0.5.8)
+        brightness  b ~ U(1 - s, 1 + s):  x <- clamp(x + (b - 1), 0, 1)   ADDITIVE (kornia 0.5.8)
         contrast    c ~ U(1 - s, 1 + s):  x <- clamp(x * c, 0, 1)              multiplicative
         saturation  a ~ U(1 - s, 1 + s):  S <- clamp(S * a, 0, 1) in HSV
         hue         h ~ U(-s, s):         H <- (H + 2 pi h) mod 2 pi in HSV (H in radians)
@@ -32,8 +32,10 @@ Strong augmentation of the mixed image (mix -> colour jitter -> blur; labels/wei
         ``order_per_image``), clamp to [0, 1] after each op
     renormalise           x = (255 * x01 - mean) / std
     Gaussian blur         sigma ~ U(0.15, 1.15) per image (once per call with
-                          ``sigma_per_image=False``), odd kernel per side L (H vertical, W horizontal)
-                          k(L) = floor(ceil(0.1 L) - 0.5 + (ceil(0.1 L) mod 2))   (51 @ 512, 103 @ 1024)
+                          ``sigma_per_image=False``), odd kernel per side L
+                          (L = H for the vertical kernel, W for the horizontal one)
+                          k(L) = floor(ceil(0.1 L) - 0.5 + (ceil(0.1 L) mod 2))
+                          (51 for L = 512, 103 for L = 1024)
                           g(x) ∝ exp(-x^2 / (2 sigma^2)), x = -(k//2)..k//2, normalised to sum 1;
                           separable, reflect padding, same sigma in x and y; applied to the
                           normalised image (it commutes with the per-channel affine normalisation).
@@ -93,7 +95,7 @@ _NUM_LABEL_SLOTS = 256  # label values are uint8 train IDs (0..18, 255 = ignore)
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
              low: float = 0.0, high: float = 1.0) -> Tensor:
-    """U(low, high) of ``shape`` on ``device``, drawn from ``generator`` (on its own device) if given."""
+    """U(low, high) of ``shape`` on ``device``, from ``generator`` (on its own device) if given."""
     if generator is None:
         u = torch.rand(shape, device=device)
     else:
@@ -168,7 +170,7 @@ def class_mix_masks(
 
 
 def mix(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``mask * a + (1 - mask) * b``; ``mask`` (B, 1, H, W) broadcasts over (B, C, H, W) or (B, H, W).
+    """``mask * a + (1 - mask) * b``; ``mask`` (B, 1, H, W) broadcasts to (B, C, H, W) or (B, H, W).
 
     Integer tensors (labels) are selected with ``where(mask != 0, a, b)``, which equals the formula
     for a binary mask and keeps the dtype.
@@ -190,13 +192,15 @@ class ClassMixConfig:
 
 
 class ClassMix:
-    """The default :class:`~udaseg.adapt.hooks.Mixer`: paste half of the source batch's classes onto the target.
+    """Default :class:`~udaseg.adapt.hooks.Mixer`: paste half of the source classes onto the target.
 
     Reads ``ctx.source["image"]``, ``ctx.source["label"]`` and ``ctx.target["image"]``; returns a
     new :class:`MixedBatch` (``pseudo`` is not modified).
     """
 
-    def __init__(self, cfg: ClassMixConfig | None = None, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, cfg: ClassMixConfig | None = None, generator: torch.Generator | None = None
+    ) -> None:
         self.cfg = cfg or ClassMixConfig()
         self.generator = generator
 
@@ -225,7 +229,8 @@ def rgb_to_hsv(rgb: Tensor) -> Tensor:
     maxc, argmax = rgb.max(dim=-3)
     minc = rgb.min(dim=-3).values
     delta = maxc - minc
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    safe_max = torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    s = torch.where(maxc > 0, delta / safe_max, torch.zeros_like(maxc))
     d = torch.where(delta > 0, delta, torch.ones_like(delta))
     h_r = torch.remainder((g - b) / d, 6.0)
     h_g = (b - r) / d + 2.0
@@ -284,7 +289,7 @@ def adjust_saturation(x: Tensor, factor: Tensor | float) -> Tensor:
 
 
 def adjust_hue(x: Tensor, factor: Tensor | float) -> Tensor:
-    """HSV hue rotation by ``2 pi h`` radians (``h`` in turns, U(-s, s) in the jitter); clamp to [0, 1]."""
+    """HSV hue rotation by ``2 pi h`` radians (``h`` in turns, U(-s, s) in the jitter), clamped."""
     hsv = rgb_to_hsv(x)
     h, s, v = hsv.unbind(dim=-3)
     f = _per_sample(factor, h)
@@ -318,7 +323,7 @@ def color_jitter(
 
 
 def blur_kernel_size(length: int) -> int:
-    """DACS kernel size for a side of ``length`` pixels: floor(ceil(0.1 L) - 0.5 + ceil(0.1 L) mod 2)."""
+    """DACS kernel size for a side of L pixels: floor(ceil(0.1 L) - 0.5 + ceil(0.1 L) mod 2)."""
     c = math.ceil(0.1 * length)
     return int(math.floor(c - 0.5 + c % 2))
 
@@ -334,7 +339,7 @@ def gaussian_kernel1d(size: int, sigma: Tensor) -> Tensor:
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor | float) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W) with per-image ``sigma`` (float or (B,)), reflect padding.
+    """Separable Gaussian blur of (B, C, H, W), per-image ``sigma`` (float or (B,)), reflect pad.
 
     Kernel sizes are :func:`blur_kernel_size` of H (vertical) and W (horizontal).
     """
@@ -388,7 +393,7 @@ def strong_augment(
     jitter_gate: bool | None = None,
     blur_gate: bool | None = None,
 ) -> Tensor:
-    """DACS colour jitter + Gaussian blur of normalised (B, 3, H, W) images (see the module docstring).
+    """DACS colour jitter + Gaussian blur of normalised (B, 3, H, W) images (module docstring).
 
     Both gates are always drawn (so the random stream does not depend on the overrides);
     ``jitter_gate`` / ``blur_gate`` = True/False force them (``blur_gate=True`` blurs even when

@@ -71,6 +71,7 @@ class SelfTraining(nn.Module):
         mixer: the Mixer (default ClassMix).
         aux_losses: AuxLoss hooks; modules among them are registered (their state is saved).
         ce_reduction: CE reduction of the source and mixed losses.
+        detail_loss_weight: weight of the detail-crop CE for multi-resolution (HRDA) students.
     """
 
     def __init__(
@@ -81,8 +82,10 @@ class SelfTraining(nn.Module):
         mixer: Mixer | None = None,
         aux_losses: Sequence[AuxLoss] = (),
         ce_reduction: Literal["all_pixels", "valid_pixels"] = "all_pixels",
+        detail_loss_weight: float = 0.1,
     ):
         super().__init__()
+        self.detail_loss_weight = detail_loss_weight
         self.cfg = cfg
         self.ce_reduction = ce_reduction
         self.refiners = list(refiners)
@@ -99,10 +102,16 @@ class SelfTraining(nn.Module):
                 color_jitter_strength=cfg.color_jitter_strength,
                 color_jitter_probability=cfg.color_jitter_probability,
                 blur=cfg.blur,
+                order_per_image=True,  # DACS augments each mixed image separately
             )
         # register module hooks so that their state (frozen models, banks) is checkpointed
         self.hook_modules = nn.ModuleList(
             [h for h in (*self.refiners, self.mixer, *self.aux_losses) if isinstance(h, nn.Module)]
+        )
+
+    def seg_loss(self, out, label: Tensor, weight: Tensor | None = None) -> Tensor:
+        return segmentation_loss(
+            out, label, weight, reduction=self.ce_reduction, detail_weight=self.detail_loss_weight
         )
 
     def _aux(self, ctx: StepContext, stage: str) -> Tensor | None:
@@ -138,7 +147,7 @@ class SelfTraining(nn.Module):
 
         # (1) supervised source pass (+ source-stage aux losses, e.g. FD)
         ctx.source_out = student(source["image"])
-        loss = segmentation_loss(ctx.source_out, source["label"], reduction=self.ce_reduction)
+        loss = self.seg_loss(ctx.source_out, source["label"])
         ctx.losses["src"] = loss.detach()
         aux = self._aux(ctx, "source")
         backward(loss if aux is None else loss + aux)
@@ -168,7 +177,7 @@ class SelfTraining(nn.Module):
         mixed.image = strong_augment(mixed.image, self.aug_cfg)
         ctx.mixed = mixed
         ctx.mixed_out = student(mixed.image)
-        loss = segmentation_loss(ctx.mixed_out, mixed.label, mixed.weight, reduction=self.ce_reduction)
+        loss = self.seg_loss(ctx.mixed_out, mixed.label, mixed.weight)
         ctx.losses["mix"] = loss.detach()
         aux = self._aux(ctx, "target")
         backward(loss if aux is None else loss + aux)

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
@@ -50,7 +50,7 @@ def ema_alpha(t: int, alpha: float = 0.999) -> float:
 
 
 def _is_drop_module(m: nn.Module) -> bool:
-    """Dropout (``_DropoutNd``) or DropPath (matched by class name, e.g. udaseg.models.layers.DropPath)."""
+    """Dropout (``_DropoutNd``) or DropPath (by class name, as udaseg.models.layers.DropPath)."""
     return isinstance(m, _DropoutNd) or type(m).__name__ == "DropPath"
 
 
@@ -61,7 +61,7 @@ def _strip_wrappers(name: str) -> str:
 
 @contextmanager
 def teacher_forward_mode(model: nn.Module, bn_train: bool = True) -> Iterator[nn.Module]:
-    """Put ``model`` in DAFormer's teacher mode for the ``with`` block, then restore every module's mode.
+    """DAFormer's teacher mode for the ``with`` block; every module's mode is restored on exit.
 
     ``bn_train=True`` (faithful): every ``_BatchNorm`` module (BatchNorm1/2/3d, SyncBatchNorm) is in
     training mode (normalises with batch statistics and updates its running stats); Dropout
@@ -110,11 +110,11 @@ class EMATeacher(nn.Module):
         self.ema_buffers = bool(ema_buffers)
 
     def forward(self, *args, **kwargs):
-        """Forward through the teacher copy (wrap it in :func:`teacher_forward_mode` and no_grad)."""
+        """Forward through the teacher copy (wrap in :func:`teacher_forward_mode` and no_grad)."""
         return self.model(*args, **kwargs)
 
     @staticmethod
-    def _paired(dst: Iterator[tuple[str, torch.Tensor]], src: Iterator[tuple[str, torch.Tensor]], what: str):
+    def _paired(dst: Iterator[tuple[str, Tensor]], src: Iterator[tuple[str, Tensor]], what: str):
         dst, src = list(dst), list(src)
         if [_strip_wrappers(n) for n, _ in dst] != [_strip_wrappers(n) for n, _ in src]:
             raise ValueError(f"EMATeacher.update: student and teacher {what} names differ")
@@ -124,7 +124,9 @@ class EMATeacher(nn.Module):
     def update(self, student: nn.Module, t: int) -> float:
         """One EMA step at local iteration ``t``; returns the alpha_t that was used (0 = copy)."""
         a = ema_alpha(t, self.alpha)
-        tp, sp = self._paired(self.model.named_parameters(), student.named_parameters(), "parameter")
+        tp, sp = self._paired(
+            self.model.named_parameters(), student.named_parameters(), "parameter"
+        )
         sp = [s.detach() for s in sp]
         if t == 0:
             torch._foreach_copy_(tp, sp)

@@ -7,12 +7,14 @@ every batch is a dict of stacked sample entries (see :mod:`udaseg.data.transform
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader, RandomSampler
 
 from ..catalog import DATASETS, resolve
+from ..data.rcs import RCSConfig
 from ..data.transforms import PipelineConfig
 
 
@@ -59,6 +61,10 @@ class UDADataModule(L.LightningDataModule):
         batch_size: images per domain per iteration (2 in every paper config).
         num_workers: data loading processes per loader.
         synthnight: generate this SynthNight copy in ``prepare_data`` when set.
+        rcs: rare class sampling of the source (DAFormer: ``class_temp 0.01, min_pixels 3000,
+            min_crop_ratio 0.5``; HRDA/MIC: ``min_crop_ratio 2.0``). Class statistics are computed
+            once and cached next to the dataset.
+        seed: base seed of the RCS streams (each rank and worker gets its own stream).
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class UDADataModule(L.LightningDataModule):
         val_batch_size: int = 4,
         num_workers: int = 4,
         synthnight: SynthNightSpec | None = None,
+        rcs: RCSConfig | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.source_spec = source
@@ -83,6 +91,8 @@ class UDADataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
         self.synthnight = synthnight
+        self.rcs = rcs
+        self.seed = seed
 
     @property
     def val_names(self) -> list[str]:
@@ -104,6 +114,10 @@ class UDADataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self.source_set = self.source_spec.build(self.source_pipeline.train())
+            if self.rcs is not None:
+                from ..data.rcs import RareClassDataset
+
+                self.source_set = RareClassDataset(self.source_set, config=self.rcs, seed=self.seed)
             self.target_set = (
                 self.target_spec.build(self.target_pipeline.train()) if self.target_spec else None
             )
@@ -118,9 +132,16 @@ class UDADataModule(L.LightningDataModule):
         # "epoch" is the whole run, drawn as repeated random permutations of the split.
         steps = getattr(self.trainer, "max_steps", -1) if self.trainer is not None else -1
         num_samples = steps * self.batch_size if steps and steps > 0 else None
+        worker_init = None
+        seed_worker = getattr(ds, "seed_worker", None)
+        if seed_worker is not None:  # RCS: a distinct class/file stream per rank and worker
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            seed_worker(0, rank=rank, base_seed=self.seed)
+            worker_init = partial(seed_worker, rank=rank, base_seed=self.seed)
         return DataLoader(
             ds, batch_size=self.batch_size, sampler=RandomSampler(ds, num_samples=num_samples),
             drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            worker_init_fn=worker_init,
         )
 
     def train_dataloader(self):

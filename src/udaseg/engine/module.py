@@ -22,6 +22,7 @@ from ..adapt.self_training import DACSConfig, SelfTraining
 from ..data.classes import label_set as get_label_set
 from ..eval.inference import slide_inference, whole_inference
 from ..eval.metrics import IoUResult, SegmentationMetric
+from ..models.hrda import HRDAConfig, HRDASegmentor
 from ..models.segmentor import build_segmentor
 from .optim import OptimConfig, build_optimizer
 
@@ -50,6 +51,7 @@ class UDAModule(L.LightningModule):
         label_set: evaluation protocol (``cityscapes19``, ``synthia16``, ``dsec18``).
         inference: whole-image or sliding-window evaluation.
         self_training: DACS settings; None trains on the source only.
+        hrda: wrap the segmentor in HRDA multi-resolution training/inference (None = single scale).
         methods: method name (see ``udaseg.catalog.METHODS``) -> its settings, e.g.
             ``{"fd": {}, "mic": {"block_size": 64}}``; they stack in the order given.
     """
@@ -68,6 +70,7 @@ class UDAModule(L.LightningModule):
         inference: InferenceConfig | None = None,
         self_training: DACSConfig | None = None,
         methods: dict[str, dict] | None = None,
+        hrda: HRDAConfig | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -82,12 +85,15 @@ class UDAModule(L.LightningModule):
             head_channels=head_channels,
             pretrained=pretrained,
         )
+        if hrda is not None:
+            self.model = HRDASegmentor(self.model, hrda)
         from ..catalog import build_methods
 
         hooks = build_methods(methods or {}, self.model)
         self.algorithm = SelfTraining(
             self.model, self_training, refiners=hooks.refiners, mixer=hooks.mixer,
             aux_losses=hooks.aux_losses, ce_reduction=ce_reduction,
+            detail_loss_weight=hrda.detail_loss_weight if hrda is not None else 0.1,
         )
         self.automatic_optimization = False
         self.val_metrics = torch.nn.ModuleDict()

@@ -1,10 +1,11 @@
 """ImageNet Feature Distance (FD), an auxiliary source loss of DAFormer.
 
 Paper: "DAFormer: Improving Network Architectures and Training Strategies for Domain-Adaptive
-Semantic Segmentation", Hoyer, Dai and Van Gool, CVPR 2022, arXiv 2111.14887 (Sec. 3.3).
+Semantic Segmentation", Hoyer, Dai and Van Gool, CVPR 2022, arXiv 2111.14887 (the thing-class
+ImageNet feature distance).
 
 The student's bottleneck features F_S of the source image are pulled towards those of a frozen
-copy of the ImageNet-pretrained backbone F_I, but only on cells showing thing classes (Eq. 4-5)::
+copy of the ImageNet-pretrained backbone F_I, but only on cells showing thing classes. Eq.::
 
     d(p)  = || F_S(p) - F_I(p) ||_2                       (non-squared L2 over the channels)
     L_FD  = lambda_FD * sum_p d(p) M(p) / sum_p M(p)
@@ -21,10 +22,9 @@ the ImageNet backbone sees the source image resized by the same factor. That fac
 feature shapes here (see :meth:`ImageNetFeatureDistance.imagenet_features`); the label stays at full
 resolution and the downscale factor is ``W_label // W_feature`` (1024 // 16 = 64).
 
-Reference: lhoyer/DAFormer@e6f6e041 ``mmseg/models/uda/dacs.py`` (``masked_feat_dist``,
-``calc_feat_dist``) and ``mmseg/models/utils/dacs_transforms.py`` / ``downscale_label_ratio``,
-Apache-2.0; re-implemented from ``shared/spec/daformer_hrda_mic_spec.md`` sections 5, 7.6 and 11
-(no code copied).
+Reference: lhoyer/DAFormer ``mmseg/models/uda/dacs.py`` (the feature-distance part of the UDA
+step) and ``mmseg/utils/utils.py`` (the ratio label downscale), Apache-2.0; re-implemented from
+``shared/spec/daformer_hrda_mic_spec.md`` sections 5, 7.6 and 11 (no code copied).
 
 Differences from the reference:
 - An empty mask gives L_FD = 0 (with an intact, all-zero gradient graph) instead of NaN; the
@@ -32,7 +32,7 @@ Differences from the reference:
 - Only a frozen copy of the *backbone* is kept (the reference keeps a whole third segmentor and
   only ever uses its backbone); the numbers are the same.
 - Label values outside ``[0, num_classes)`` other than ``ignore_index`` are counted as ignore
-  instead of raising in ``one_hot``.
+  (the reference assumes they do not occur).
 - The ImageNet input scale for multi-resolution students is inferred from the feature shapes;
   HRDA's ``feature_scale='all'`` ablation (FD summed over both scales) is not supported.
 """
@@ -229,7 +229,7 @@ class ImageNetFeatureDistance(nn.Module):
             )
         feats = ctx.source_out.features[self.cfg.feature_level]
         imnet = self.imagenet_features(ctx.source["image"], feats)
-        d = torch.linalg.vector_norm(feats - imnet, ord=2, dim=1)  # (B, h, w), Eq. d(p)
+        d = torch.linalg.vector_norm(feats - imnet, ord=2, dim=1)  # (B, h, w): d(p)
         mask = self.feature_mask(ctx.source["label"], (feats.shape[-2], feats.shape[-1]))
         # masked mean; an empty mask gives 0 (not NaN) and keeps the graph (zero gradient)
         loss = (d * mask).sum() / mask.sum().clamp_min(1.0)

@@ -1,19 +1,20 @@
 """Masked Image Consistency (MIC), an auxiliary target loss on top of DAFormer/HRDA.
 
 Paper: "MIC: Masked Image Consistency for Context-Enhanced Domain Adaptation", Hoyer, Dai, Wang
-and Van Gool, CVPR 2023, arXiv 2212.01322 (Sec. 3.2, Eq. 4-6).
+and Van Gool, CVPR 2023, arXiv 2212.01322.
 
 The student must predict the teacher's pseudo-labels of the *clean* target image from a randomly
-block-masked copy, so it has to use context. With blocks of b x b pixels (Eq. 4)::
+block-masked copy, so it has to use context. With blocks of b x b pixels, Eq.::
 
     M_{mb+1:(m+1)b, nb+1:(n+1)b} = [v > r],   v ~ U(0, 1) per block, mask ratio r
-    x^M = M ⊙ x_T                                                   (Eq. 5)
-    L_M = sum_j q_T^(j) CE(ŷ^(j), p_T^(j)),  ŷ = f_theta(x^M)       (Eq. 6)
+    x^M = M ⊙ x_T
+    L_M = sum_j q_T^(j) CE(ŷ^(j), p_T^(j)),  ŷ = f_theta(x^M)
 
 p_T and q_T are the DACS teacher's **unmixed** pseudo-labels and weights (``ctx.pseudo``),
 computed on the unmasked, un-augmented target image; no extra teacher is built (MIC's 'same'
-alpha/threshold). The CE is the loop's pixel-weighted CE (:func:`~udaseg.adapt.losses.
-segmentation_loss`, mmseg mean over all pixels; for HRDA students the fused + detail loss) and
+alpha/threshold). The CE is the loop's pixel-weighted CE
+(:func:`~udaseg.adapt.losses.segmentation_loss`: mmseg mean over all pixels; for HRDA students the
+fused + detail loss) and
 L_M enters the target stage with weight lambda_M. Masking is done after the colour augmentation,
 on the normalised image, so masked pixels are 0 there (the dataset-mean colour).
 
@@ -36,8 +37,8 @@ not re-checked here); re-implemented from ``shared/spec/daformer_hrda_mic_spec.m
 11 (no code copied).
 
 Differences from the reference:
-- The grid has at least one cell per side (the reference's ``round(H / b)`` gives an empty grid,
-  and an error, for images smaller than b/2).
+- The grid has at least one cell per side (a bare ``round(H / b)`` is 0, an empty grid, for
+  images smaller than b/2).
 - The colour augmentation is :func:`udaseg.adapt.mixing.strong_augment` (DACS jitter + blur,
   both gates drawn once per call, per-sample jitter factors, one op order and one blur sigma for
   the batch), with that module's default (ImageNet) normalisation.
@@ -72,7 +73,7 @@ def block_mask(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Random block mask M of Eq. 4: 1 = keep, 0 = masked.
+    """Random block mask M (Eq. M = [v > r] per block): 1 = keep, 0 = masked.
 
     Per image a grid of ``round(H / b) x round(W / b)`` cells (Python rounding, at least 1) is
     drawn from U(0, 1); a cell is kept where ``u > ratio`` (so about ``1 - ratio`` of the cells
@@ -206,7 +207,7 @@ class MaskedImageConsistency:
         return MaskedBatch(image=image * mask, label=label, weight=weight, mask=mask)
 
     def __call__(self, ctx: StepContext) -> Tensor:
-        """lambda_M * L_M (Eq. 6) for the current step."""
+        """lambda_M * L_M for the current step."""
         batch = self.masked_batch(ctx)
         out = ctx.student(batch.image)
         loss = segmentation_loss(out, batch.label, batch.weight, reduction=self.reduction)
