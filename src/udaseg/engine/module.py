@@ -36,6 +36,25 @@ class InferenceConfig:
     stride: tuple[int, int] = (341, 341)
 
 
+def load_segmentor_weights(model: torch.nn.Module, path: str) -> None:
+    """Load the ``model.*`` weights of a udaseg Lightning checkpoint into ``model`` (strict)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.init_weights: checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict", ckpt)
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if not weights:
+        raise ValueError(f"model.init_weights: {path} holds no 'model.*' segmentor weights")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"model.init_weights: {path} does not fit this model (other backbone/head/width?): {exc}"
+        ) from None
+
+
 class UDAModule(L.LightningModule):
     """A segmentor trained with source supervision (and, later, UDA methods).
 
@@ -46,6 +65,8 @@ class UDAModule(L.LightningModule):
         head_channels: decoder width (None = the paper's: 256 DAFormer, 768 SegFormer).
         drop_path_rate: stochastic depth of the backbone (0.1 in the papers).
         pretrained: local path of ImageNet MiT weights (``mit_b5.pth`` or HF ``nvidia/mit-b5``).
+        init_weights: a udaseg checkpoint (``.ckpt``) whose segmentor weights initialise the
+            student (e.g. a source-only model to adapt); loaded with ``weights_only=True``.
         optim: AdamW + poly/warm-up settings.
         ce_reduction: ``all_pixels`` (mmseg/DAFormer, default) or ``valid_pixels``.
         label_set: evaluation protocol (``cityscapes19``, ``synthia16``, ``dsec18``).
@@ -64,6 +85,7 @@ class UDAModule(L.LightningModule):
         head_channels: int | None = None,
         drop_path_rate: float = 0.1,
         pretrained: str | None = None,
+        init_weights: str | None = None,
         optim: OptimConfig | None = None,
         ce_reduction: Literal["all_pixels", "valid_pixels"] = "all_pixels",
         label_set: str = "cityscapes19",
@@ -85,6 +107,8 @@ class UDAModule(L.LightningModule):
             head_channels=head_channels,
             pretrained=pretrained,
         )
+        if init_weights is not None:
+            load_segmentor_weights(self.model, init_weights)
         if hrda is not None:
             self.model = HRDASegmentor(self.model, hrda)
         from ..catalog import build_methods
