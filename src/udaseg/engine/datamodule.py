@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from ..catalog import DATASETS, resolve
 from ..data.rcs import RCSConfig
+from ..data.synthnight import SynthNightConfig
 from ..data.transforms import PipelineConfig
 
 
@@ -36,20 +37,6 @@ class DatasetSpec:
         return cls(**kwargs)
 
 
-@dataclass
-class SynthNightSpec:
-    """Generate a SynthNight copy into ``root`` (if not there yet) before training."""
-
-    root: str = "data/synthnight"
-    seed: int = 0
-    width: int = 512
-    height: int = 256
-    n_day_train: int = 400
-    n_day_val: int = 100
-    n_night_train: int = 400
-    n_night_val: int = 100
-
-
 class UDADataModule(L.LightningDataModule):
     """Data for source-only, UDA and oracle training.
 
@@ -60,7 +47,9 @@ class UDADataModule(L.LightningDataModule):
         source_pipeline / target_pipeline: resize, crop and flip of each domain.
         batch_size: images per domain per iteration (2 in every paper config).
         num_workers: data loading processes per loader.
-        synthnight: generate this SynthNight copy in ``prepare_data`` when set.
+        synthnight: generate this SynthNight copy into ``synthnight_root`` in ``prepare_data``
+            (an identical complete copy is reused).
+        synthnight_root: where the SynthNight copy goes.
         rcs: rare class sampling of the source (DAFormer: ``class_temp 0.01, min_pixels 3000,
             min_crop_ratio 0.5``; HRDA/MIC: ``min_crop_ratio 2.0``). Class statistics are computed
             once and cached next to the dataset.
@@ -77,7 +66,8 @@ class UDADataModule(L.LightningDataModule):
         batch_size: int = 2,
         val_batch_size: int = 4,
         num_workers: int = 4,
-        synthnight: SynthNightSpec | None = None,
+        synthnight: SynthNightConfig | None = None,
+        synthnight_root: str = "data/synthnight",
         rcs: RCSConfig | None = None,
         seed: int = 0,
     ):
@@ -91,6 +81,7 @@ class UDADataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
         self.synthnight = synthnight
+        self.synthnight_root = synthnight_root
         self.rcs = rcs
         self.seed = seed
 
@@ -100,16 +91,9 @@ class UDADataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.synthnight is not None:
-            from ..data.synthnight import SynthNightConfig, generate
+            from ..data.synthnight import generate
 
-            s = self.synthnight
-            generate(
-                Path(s.root),
-                SynthNightConfig(
-                    seed=s.seed, width=s.width, height=s.height, n_day_train=s.n_day_train,
-                    n_day_val=s.n_day_val, n_night_train=s.n_night_train, n_night_val=s.n_night_val,
-                ),
-            )
+            generate(Path(self.synthnight_root), self.synthnight)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
