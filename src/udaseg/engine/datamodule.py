@@ -102,6 +102,8 @@ class UDADataModule(L.LightningDataModule):
                 from ..data.rcs import RareClassDataset
 
                 self.source_set = RareClassDataset(self.source_set, config=self.rcs, seed=self.seed)
+                # a distinct class/file stream per rank (RCS must not draw the same crops everywhere)
+                self.source_set.seed_worker(0, rank=self._rank(), base_seed=self.seed)
             self.target_set = (
                 self.target_spec.build(self.target_pipeline.train()) if self.target_spec else None
             )
@@ -111,6 +113,25 @@ class UDADataModule(L.LightningDataModule):
             pipe = self.target_pipeline if spec.name != self.source_spec.name else self.source_pipeline
             self.val_sets[name] = spec.build(pipe.test())
 
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the RCS class/file stream (exact with ``num_workers=0``)."""
+        source = getattr(self, "source_set", None)
+        if source is not None and hasattr(source, "state_dict"):
+            return {"rcs": source.state_dict()}
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending_state = state
+
+    def _restore(self) -> None:
+        state = getattr(self, "_pending_state", None)
+        if state and "rcs" in state and hasattr(self.source_set, "load_state_dict"):
+            self.source_set.load_state_dict(state["rcs"])
+        self._pending_state = None
+
     def _train_loader(self, ds) -> DataLoader:
         # Training is counted in iterations (the papers' 40k), not epochs: with max_steps set, one
         # "epoch" is the whole run, drawn as repeated random permutations of the split.
@@ -118,10 +139,8 @@ class UDADataModule(L.LightningDataModule):
         num_samples = steps * self.batch_size if steps and steps > 0 else None
         worker_init = None
         seed_worker = getattr(ds, "seed_worker", None)
-        if seed_worker is not None:  # RCS: a distinct class/file stream per rank and worker
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            seed_worker(0, rank=rank, base_seed=self.seed)
-            worker_init = partial(seed_worker, rank=rank, base_seed=self.seed)
+        if seed_worker is not None and self.num_workers > 0:  # RCS: one stream per rank and worker
+            worker_init = partial(seed_worker, rank=self._rank(), base_seed=self.seed)
         return DataLoader(
             ds, batch_size=self.batch_size, sampler=RandomSampler(ds, num_samples=num_samples),
             drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
@@ -129,6 +148,7 @@ class UDADataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self):
+        self._restore()
         loaders = {"source": self._train_loader(self.source_set)}
         if self.target_set is not None:
             loaders["target"] = self._train_loader(self.target_set)

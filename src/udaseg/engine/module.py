@@ -12,6 +12,7 @@ processes) and keeps the last results in :attr:`UDAModule.val_results` for repor
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,17 @@ class InferenceConfig:
     mode: Literal["whole", "slide"] = "whole"
     crop: tuple[int, int] = (512, 512)
     stride: tuple[int, int] = (341, 341)
+
+
+def as_config(cls, value):
+    """``value`` as a ``cls`` dataclass (accepts an instance, a dict of its fields, or None)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        from ..catalog import config_from_dict
+
+        return config_from_dict(cls, value, cls.__name__)
+    raise TypeError(f"expected {cls.__name__} or a dict of its fields, got {type(value).__name__}")
 
 
 def load_segmentor_weights(model: torch.nn.Module, path: str) -> None:
@@ -95,7 +107,18 @@ class UDAModule(L.LightningModule):
         hrda: HRDAConfig | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # dataclass settings are stored as plain dicts, so checkpoints load with weights_only=True
+        optim, inference = as_config(OptimConfig, optim), as_config(InferenceConfig, inference)
+        self_training, hrda = as_config(DACSConfig, self_training), as_config(HRDAConfig, hrda)
+        self.save_hyperparameters(
+            {
+                name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+                for name, value in dict(
+                    optim=optim, inference=inference, self_training=self_training, hrda=hrda
+                ).items()
+            }
+        )
+        self.save_hyperparameters(ignore=["optim", "inference", "self_training", "hrda"])
         get_label_set(label_set)  # fail early on a typo
         self.optim_cfg = optim or OptimConfig()
         self.inference_cfg = inference or InferenceConfig()
