@@ -66,3 +66,23 @@ def test_unknown_label_set_fails_early():
 def test_unknown_backbone_lists_choices():
     with pytest.raises(ValueError, match="mit_b0"):
         UDAModule(backbone="mit_b9")
+
+
+def test_init_weights_from_checkpoint_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from udaseg.engine.module import UDAModule
+
+    kw = dict(backbone="mit_tiny", head="segformer", head_channels=16)
+    a = UDAModule(**kw)
+    ckpt = tmp_path / "a.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in a.model.state_dict().items()}}, ckpt)
+    save_file({k: v.contiguous() for k, v in a.model.state_dict().items()}, tmp_path / "a.safetensors")
+    for path in (ckpt, tmp_path / "a.safetensors"):
+        b = UDAModule(**kw, init_weights=str(path))
+        for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+            assert torch.equal(v, w), k
+    with pytest.raises(ValueError, match="does not fit this model"):
+        UDAModule(backbone="mit_tiny", head="segformer", head_channels=32, init_weights=str(ckpt))
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        UDAModule(**kw, init_weights=str(tmp_path / "missing.ckpt"))

@@ -49,21 +49,22 @@ def as_config(cls, value):
 
 
 def load_segmentor_weights(model: torch.nn.Module, path: str) -> None:
-    """Load the ``model.*`` weights of a udaseg Lightning checkpoint into ``model`` (strict)."""
-    from pathlib import Path
+    """Initialise ``model`` from a udaseg checkpoint (strict).
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model.init_weights: checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt)
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    if not weights:
-        raise ValueError(f"model.init_weights: {path} holds no 'model.*' segmentor weights")
+    Accepts a Lightning ``.ckpt`` (its ``model.*`` weights) or exported segmentor weights
+    (``.safetensors`` / ``.pth`` without prefix); read with ``weights_only=True``.
+    """
+    from ..models.weights import load_state_dict_file
+
+    state = load_state_dict_file(path)
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     try:
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ValueError(
-            f"model.init_weights: {path} does not fit this model (other backbone/head/width?): {exc}"
+            f"model.init_weights: {path} does not fit this model (other backbone, head or width?): "
+            f"{exc}"
         ) from None
 
 
