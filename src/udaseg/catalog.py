@@ -19,8 +19,10 @@ def resolve(table: dict[str, str], name: str, what: str):
     try:
         target = table[name]
     except KeyError:
+        from .errors import ConfigError
+
         known = ", ".join(sorted(table))
-        raise ValueError(f"unknown {what} {name!r}; known {what}s: {known}") from None
+        raise ConfigError(f"unknown {what} {name!r}; known {what}s: {known}") from None
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -40,7 +42,9 @@ def config_from_dict(cls, settings: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(settings) - names)
     if unknown:
-        raise ValueError(
+        from .errors import ConfigError
+
+        raise ConfigError(
             f"{where}: unknown setting(s) {unknown}; {cls.__name__} accepts: {sorted(names)}"
         )
     return cls(**settings)

@@ -75,3 +75,14 @@ def test_a_few_dacs_iterations_lower_the_loss():
         opt.step()
         totals.append((losses["src"] + losses["mix"]).item())
     assert sum(totals[-3:]) / 3 < 0.7 * sum(totals[:3]) / 3
+
+
+def test_config_alpha_reaches_the_teacher():
+    s = student()
+    algo = SelfTraining(s, DACSConfig(alpha=0.9))
+    assert algo.teacher.alpha == 0.9
+    src, tgt = batch(seed=1), {"image": batch(seed=2)["image"]}
+    for t in range(3):
+        algo.step(s, src, tgt, step=t, backward=lambda l: l.backward())
+    # at t = 50 the alpha used is capped by the configured 0.9, not the default 0.999
+    assert algo.teacher.update(s, 50) == 0.9

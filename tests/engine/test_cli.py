@@ -87,3 +87,16 @@ def test_demo_end_to_end_tiny(tmp_path):
     for name in ("iou_table.csv", "iou_table.md", "loss_curve.png"):
         assert (report / name).stat().st_size > 0
     assert len(list((report / "overlays/source_only/night_val").glob("*.png"))) == 1
+
+
+def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("UDASEG_DEBUG", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "trainer: {accelerator: cpu, max_steps: 1, logger: false, enable_progress_bar: false}\n"
+        "model: {backbone: mit_tiny, head: segformer, head_channels: 16}\n"
+        f"data: {{source: {{name: cityscapes, root: {tmp_path / 'nowhere'}}}, val: {{}}, num_workers: 0}}\n"
+    )
+    assert main(["fit", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "udaseg fit: error:" in err and "nowhere" in err and "Traceback" not in err

@@ -97,7 +97,7 @@ class SelfTraining(nn.Module):
             from .teacher import EMATeacher
 
             self.mixer = mixer if mixer is not None else ClassMix()
-            self.teacher = EMATeacher(student, ema_buffers=cfg.ema_buffers)
+            self.teacher = EMATeacher(student, alpha=cfg.alpha, ema_buffers=cfg.ema_buffers)
             self.aug_cfg = StrongAugConfig(
                 color_jitter_strength=cfg.color_jitter_strength,
                 color_jitter_probability=cfg.color_jitter_probability,

@@ -14,8 +14,7 @@ import numpy as np
 from .classes import IGNORE_INDEX, NUM_CLASSES
 
 
-class DataError(ValueError):
-    """A dataset file is missing, unreadable or has unexpected content."""
+from ..errors import DataError  # noqa: F401  (re-exported: the loaders raise it)
 
 
 def read_image(path: str | Path) -> np.ndarray:

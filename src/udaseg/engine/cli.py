@@ -9,7 +9,10 @@ fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from ..errors import UdasegError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -95,16 +98,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"udaseg {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
-    if cmd in LIGHTNING_COMMANDS:
-        return lightning_main(None if from_sys else argv)
-    if cmd == "demo":
-        from .demo import demo_main
+    if cmd not in (*LIGHTNING_COMMANDS, "demo", "synth"):
+        print(f"udaseg: unknown command {cmd!r}\n\n{HELP}", file=sys.stderr)
+        return 2
+    try:
+        if cmd in LIGHTNING_COMMANDS:
+            return lightning_main(None if from_sys else argv)
+        if cmd == "demo":
+            from .demo import demo_main
 
-        return demo_main(rest)
-    if cmd == "synth":
+            return demo_main(rest)
         return synth_main(rest)
-    print(f"udaseg: unknown command {cmd!r}\n\n{HELP}", file=sys.stderr)
-    return 2
+    except (UdasegError, FileNotFoundError, FileExistsError) as exc:
+        if os.environ.get("UDASEG_DEBUG"):
+            raise
+        print(f"udaseg {cmd}: error: {exc}\n(set UDASEG_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

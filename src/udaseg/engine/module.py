@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 from ..adapt.self_training import DACSConfig, SelfTraining
+from ..errors import CheckpointError
 from ..data.classes import label_set as get_label_set
 from ..eval.inference import slide_inference, whole_inference
 from ..eval.metrics import IoUResult, SegmentationMetric
@@ -62,7 +63,7 @@ def load_segmentor_weights(model: torch.nn.Module, path: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(
+        raise CheckpointError(
             f"model.init_weights: {path} does not fit this model (other backbone, head or width?): "
             f"{exc}"
         ) from None

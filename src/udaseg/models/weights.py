@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..errors import CheckpointError
+
 __all__ = [
     "LoadReport",
     "detect_layout",
@@ -107,7 +109,7 @@ def _unwrap(sd: Mapping[str, object]) -> dict[str, Tensor]:
                 break
             obj = inner
     if not isinstance(obj, Mapping):
-        raise ValueError(
+        raise CheckpointError(
             f"expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
         )
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
@@ -181,7 +183,7 @@ def _split_hf(sd: Mapping[str, object]) -> tuple[dict[str, Tensor], list[str]]:
     for (base, param), parts in pending_kv.items():
         if set(parts) != {"key", "value"}:
             have = ", ".join(sorted(parts))
-            raise ValueError(
+            raise CheckpointError(
                 f"HF checkpoint has only attention.self.{{{have}}}.{param} for {base}; "
                 "both key and value are needed to build attn.kv"
             )
@@ -240,7 +242,7 @@ def detect_layout(sd: Mapping[str, object]) -> str:
     if any(re.search(r"(^|\.)(patch_embed\d|block\d)\.", k) for k in keys):
         return "nvlabs"
     sample = ", ".join(keys[:5]) or "<no tensors>"
-    raise ValueError(
+    raise CheckpointError(
         "cannot tell the checkpoint layout: no NVlabs (patch_embed1.*, block1.*) or HuggingFace "
         f"(patch_embeddings.*, attention.self.*) MiT keys found; first keys: {sample}. "
         "Pass layout='nvlabs' or layout='hf' explicitly if the file is a MiT checkpoint."
@@ -290,24 +292,24 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         try:
             return load_file(str(p), device="cpu")
         except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{str(p)!r}: not a readable .safetensors file ({e})") from e
+            raise CheckpointError(f"{str(p)!r}: not a readable .safetensors file ({e})") from e
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # the weights-only unpickler raises many types on bad input
-        raise ValueError(
+        raise CheckpointError(
             f"{str(p)!r}: torch.load(weights_only=True) could not read this file: {e}\n"
             "It is corrupt, not a PyTorch checkpoint, or it pickles Python objects other than "
             "tensors. If you trust its source, re-save only the tensors, e.g. "
             "torch.save(state_dict, 'clean.pth'), or convert it to .safetensors."
         ) from e
     if not isinstance(obj, Mapping):
-        raise ValueError(
+        raise CheckpointError(
             f"{str(p)!r}: expected a state dict, the file holds a {type(obj).__name__}"
         )
     try:
         return _unwrap(obj)
     except ValueError as e:
-        raise ValueError(f"{str(p)!r}: {e}") from e
+        raise CheckpointError(f"{str(p)!r}: {e}") from e
 
 
 def load_backbone_weights(
@@ -339,13 +341,13 @@ def load_backbone_weights(
         try:
             layout = detect_layout(raw)  # type: ignore[assignment]
         except ValueError as e:
-            raise ValueError(f"{str(path)!r}: {e}") from e
+            raise CheckpointError(f"{str(path)!r}: {e}") from e
     if layout == "nvlabs":
         sd, ignored = _split_nvlabs(raw)
     elif layout == "hf":
         sd, ignored = _split_hf(raw)
     else:
-        raise ValueError(
+        raise CheckpointError(
             f"load_backbone_weights: layout must be 'auto', 'nvlabs' or 'hf', got {layout!r}"
         )
 
@@ -361,7 +363,7 @@ def load_backbone_weights(
                     f"the checkpoint was made for a different architecture or variant than the "
                     f"model ({model_variant})"
                 )
-            raise ValueError(
+            raise CheckpointError(
                 f"{str(path)!r}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)} vs "
                 f"model {tuple(own[key].shape)}. Likely cause: {cause}."
             )
@@ -375,7 +377,7 @@ def load_backbone_weights(
             if ckpt_variant is not None and ckpt_variant != model_variant
             else ""
         )
-        raise ValueError(
+        raise CheckpointError(
             f"{str(path)!r} ({layout} layout) does not match the {model_variant} backbone: "
             f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
             f"{unexpected[:5]}.{hint}"
