@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from udaseg.adapt.hooks import AuxLoss, PseudoLabels, StepContext
 from udaseg.adapt.methods.mic import MaskedImageConsistency, MICConfig, block_mask
