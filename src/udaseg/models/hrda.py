@@ -80,7 +80,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from udaseg.data.classes import NUM_CLASSES
-from udaseg.eval.inference import Window, slide_windows
+from udaseg.models.windows import Window, slide_windows
 from udaseg.models.daformer_head import DAFormerHead
 from udaseg.models.layers import ConvBNReLU, resize
 from udaseg.models.segformer_head import SegFormerHead
