@@ -100,3 +100,23 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch):
     assert main(["fit", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "udaseg fit: error:" in err and "nowhere" in err and "Traceback" not in err
+
+
+def test_export_weights_roundtrip(tmp_path):
+    import torch
+
+    from udaseg.engine.module import UDAModule
+
+    m = UDAModule(backbone="mit_tiny", head="segformer", head_channels=16)
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in m.model.state_dict().items()},
+                "hyper_parameters": dict(m.hparams)}, ckpt)
+    out = tmp_path / "w.safetensors"
+    assert main(["export-weights", str(ckpt), str(out)]) == 0
+    m2 = UDAModule(backbone="mit_tiny", head="segformer", head_channels=16, init_weights=str(out))
+    for a, b in zip(m.model.state_dict().values(), m2.model.state_dict().values()):
+        assert torch.equal(a, b)
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["backbone"] == "mit_tiny"

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from ..errors import UdasegError
+from ..errors import CheckpointError, UdasegError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -28,6 +28,7 @@ commands:
   validate   evaluate a checkpoint on the validation splits
   test       evaluate a checkpoint on the test splits
   predict    run inference and write predictions
+  export-weights  write a checkpoint's segmentor weights as .safetensors (for model.init_weights)
 
 Run `udaseg <command> --help` for the options of one command.
 """
@@ -80,6 +81,29 @@ def synth_main(argv: list[str]) -> int:
     return 0
 
 
+def export_weights_main(argv: list[str]) -> int:
+    import torch
+
+    from ..models.weights import load_state_dict_file, save_segmentor_weights
+
+    p = argparse.ArgumentParser(
+        prog="udaseg export-weights",
+        description="Write the student segmentor weights of a udaseg checkpoint as .safetensors.",
+    )
+    p.add_argument("ckpt", help="a udaseg Lightning checkpoint (.ckpt)")
+    p.add_argument("out", help="output .safetensors file")
+    a = p.parse_args(argv)
+    state = load_state_dict_file(a.ckpt)
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if not weights:
+        raise CheckpointError(f"{a.ckpt}: no 'model.*' weights; is it a udaseg checkpoint?")
+    hparams = torch.load(a.ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    meta = {k: hparams[k] for k in ("backbone", "head", "head_channels", "num_classes") if k in hparams}
+    path = save_segmentor_weights(weights, a.out, meta)
+    print(f"wrote {len(weights)} tensors to {path} ({meta})")
+    return 0
+
+
 def cfg_version() -> int:
     from ..data.synthnight import GENERATOR_VERSION
 
@@ -98,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"udaseg {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
-    if cmd not in (*LIGHTNING_COMMANDS, "demo", "synth"):
+    if cmd not in (*LIGHTNING_COMMANDS, "demo", "synth", "export-weights"):
         print(f"udaseg: unknown command {cmd!r}\n\n{HELP}", file=sys.stderr)
         return 2
     try:
@@ -108,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import demo_main
 
             return demo_main(rest)
+        if cmd == "export-weights":
+            return export_weights_main(rest)
         return synth_main(rest)
     except (UdasegError, FileNotFoundError, FileExistsError) as exc:
         if os.environ.get("UDASEG_DEBUG"):

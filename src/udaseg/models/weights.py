@@ -391,3 +391,21 @@ def load_backbone_weights(
         unexpected=unexpected,
         ignored=sorted(ignored),
     )
+
+
+def save_segmentor_weights(
+    state_dict: Mapping[str, Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> Path:
+    """Write segmentor weights as ``.safetensors`` atomically (temp file + rename).
+
+    ``metadata`` (string values, e.g. backbone/head/num_classes) is stored in the file header.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+    return path
