@@ -120,3 +120,24 @@ def test_export_weights_roundtrip(tmp_path):
 
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["backbone"] == "mit_tiny"
+
+
+def test_demo_with_dacs_equal_compute(tmp_path):
+    from udaseg.engine.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        out_dir=str(tmp_path / "demo"), steps=2, uda_steps=2, cost_ratio=1.5, batch_size=2,
+        num_workers=0, overlays_per_split=1, train_scale=(128, 64), crop_size=(64, 64),
+        runs=["source_only", "dacs"],
+        synth=dict(width=128, height=64, n_day_train=4, n_day_val=2, n_night_train=4, n_night_val=2),
+    )
+    run_demo(cfg)
+    out = tmp_path / "demo"
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert set(metrics) == {"source_only", "dacs"} and "night_val" in metrics["dacs"]
+    assert (out / "checkpoints" / "source_pretrain.safetensors").is_file()
+    from udaseg.engine.demo import read_loss_curve
+
+    # the control trains round(2 * 1.5) = 3 iterations, DACS 2, both logging every step
+    assert read_loss_curve(out / "logs" / "source_only" / "metrics.csv")[0] == [0, 1, 2]
+    assert read_loss_curve(out / "logs" / "dacs" / "metrics.csv", "train/mix")[0] == [0, 1]

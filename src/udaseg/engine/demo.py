@@ -1,8 +1,12 @@
 """``udaseg demo``: the embedded end-to-end job on SynthNight, on a CPU, in a few minutes.
 
 1. generate SynthNight (version 1) for ``--seed`` (or reuse an identical copy);
-2. train a small segmentor on the labelled day images (source only);
-3. evaluate it on the day and night validation splits and print the per-class IoU table;
+2. train a small segmentor on the labelled day images (run ``source_only``); with ``--dacs``,
+   also adapt it to the unlabelled night images with DACS self-training (run ``dacs``), where
+   both runs start from the same source model and get the same compute: the source-only control
+   trains ``cost_ratio`` (measured: one DACS iteration costs about 2.3 source iterations) times as
+   many iterations as DACS, so extra source training is not mistaken for adaptation;
+3. evaluate on the day and night validation splits and print the per-class IoU table;
 4. write a report folder: ``iou_table.csv/.md``, ``metrics.json``
    (``{run: {split: {"mIoU": %, "IoU": {class: %}}}}``), ``loss_curve.png`` and
    prediction/ground-truth overlays under ``overlays/<run>/<split>/``.
@@ -42,6 +46,14 @@ class DemoConfig:
     num_workers: int = 2
     overlays_per_split: int = 4
     runs: list[str] = field(default_factory=lambda: ["source_only"])
+    """``source_only`` and optionally ``dacs``."""
+    init_weights: str | None = None
+    """Start every run from these segmentor weights instead of training from scratch."""
+    uda_steps: int = 300
+    """DACS iterations (when ``dacs`` is among the runs)."""
+    uda_lr: float = 3e-4
+    cost_ratio: float = 2.3
+    """Source iterations that cost as much as one DACS iteration (the control's budget)."""
     synth: dict = field(default_factory=dict)
     """Overrides of :class:`~udaseg.data.synthnight.SynthNightConfig` (sizes, counts) for tests."""
 
@@ -72,19 +84,32 @@ def build_datamodule(cfg: DemoConfig, root: Path):
     )
 
 
-def build_module(cfg: DemoConfig, run: str):
+def build_module(cfg: DemoConfig, run: str, init_weights: str | None):
+    from ..adapt.self_training import DACSConfig
     from .module import UDAModule
     from .optim import OptimConfig
 
-    if run != "source_only":
-        raise ValueError(f"unknown demo run {run!r}; available: source_only")
+    if run not in ("source_only", "dacs"):
+        raise ValueError(f"unknown demo run {run!r}; available: source_only, dacs")
+    fine_tune = init_weights is not None
     return UDAModule(
         backbone=cfg.backbone,
         head=cfg.head,
         head_channels=cfg.head_channels,
         drop_path_rate=0.0,
-        optim=OptimConfig(lr=cfg.lr, warmup_iters=cfg.warmup_iters),
+        init_weights=init_weights,
+        optim=OptimConfig(
+            lr=cfg.uda_lr if fine_tune else cfg.lr, warmup_iters=0 if fine_tune else cfg.warmup_iters
+        ),
+        self_training=DACSConfig() if run == "dacs" else None,
     )
+
+
+def run_steps(cfg: DemoConfig, run: str, fine_tune: bool) -> int:
+    """Iterations of a run: equal compute for the source-only control and DACS."""
+    if not fine_tune:
+        return cfg.steps
+    return cfg.uda_steps if run == "dacs" else round(cfg.uda_steps * cfg.cost_ratio)
 
 
 def read_loss_curve(metrics_csv: Path, key: str = "train/src") -> tuple[list[int], list[float]]:
@@ -100,39 +125,54 @@ def read_loss_curve(metrics_csv: Path, key: str = "train/src") -> tuple[list[int
     return steps, values
 
 
-def train_and_evaluate(cfg: DemoConfig, run: str, dm, out: Path):
-    """Fit one run, validate it on every split, return (module, results, loss curve)."""
+def train_and_evaluate(
+    cfg: DemoConfig, run: str, dm, out: Path, init_weights: str | None = None, name: str | None = None,
+    evaluate: bool = True,
+):
+    """Fit one run (logged as ``name``), validate it on every split; (module, results, curves)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
+    from .datamodule import DatasetSpec
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build_module(cfg, run)
-    logger = CSVLogger(out / "logs", name=run, version="")
+    module = build_module(cfg, run, init_weights)
+    steps = run_steps(cfg, run, init_weights is not None)
+    dm.target_spec = (
+        DatasetSpec("dark_zurich", str(Path(dm.source_spec.root).parent / "dark_zurich"), "train", labels=False)
+        if run == "dacs" else None
+    )
+    name = name or run
+    logger = CSVLogger(out / "logs", name=name, version="")
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=cfg.steps,
+        max_steps=steps,
         max_epochs=1,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=logger,
-        log_every_n_steps=max(1, min(10, cfg.steps)),
+        log_every_n_steps=max(1, min(10, steps // 10)),
         callbacks=[
             RichProgressBar(leave=True),
-            ModelCheckpoint(dirpath=out / "checkpoints" / run, filename="last", save_last=False),
+            ModelCheckpoint(dirpath=out / "checkpoints" / name, filename="last", save_last=False),
         ],
         enable_model_summary=False,
         deterministic=False,
     )
     trainer.fit(module, datamodule=dm)
+    metrics_csv = Path(logger.log_dir) / "metrics.csv"
+    curves = {k: read_loss_curve(metrics_csv, f"train/{k}") for k in ("src", "mix")}
+    curves = {k: c for k, c in curves.items() if c[0]}
+    if not evaluate:
+        return module, {}, curves
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, callbacks=[RichProgressBar(leave=True)],
         enable_model_summary=False,
     )
     trainer.validate(module, datamodule=dm, verbose=False)
-    curve = read_loss_curve(Path(logger.log_dir) / "metrics.csv")
-    return module, dict(module.val_results), curve
+    return module, dict(module.val_results), curves
 
 
 def write_overlays(cfg: DemoConfig, module, dm, out: Path, run: str) -> None:
@@ -164,7 +204,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     from rich.console import Console
 
     from ..data.synthnight import GENERATOR_VERSION, SynthNightConfig, generate
-    from ..eval.report import plot_loss_curves, print_iou_table, write_iou_tables, write_metrics_json
+    from ..eval.report import (
+        plot_loss_curves,
+        print_iou_table,
+        write_iou_tables,
+        write_metrics_json,
+    )
+    from ..models.weights import save_segmentor_weights
 
     console = Console()
     t0 = time.perf_counter()
@@ -178,13 +224,21 @@ def run_demo(cfg: DemoConfig) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     dm = build_datamodule(cfg, root)
+    init = cfg.init_weights
+    if "dacs" in cfg.runs and init is None:
+        # both runs adapt/continue from the same source model, trained here from scratch
+        console.rule(f"source pre-training: {cfg.steps} iterations, batch {cfg.batch_size}")
+        module, _, _ = train_and_evaluate(cfg, "source_only", dm, out, name="source_pretrain", evaluate=False)
+        init = str(out / "checkpoints" / "source_pretrain.safetensors")
+        save_segmentor_weights(module.model.state_dict(), init, {"backbone": cfg.backbone})
     all_results: dict[str, dict] = {}
     curves = {}
     for run in cfg.runs:
-        console.rule(f"run [bold]{run}[/bold]: {cfg.steps} iterations, batch {cfg.batch_size}")
-        module, results, curve = train_and_evaluate(cfg, run, dm, out)
+        steps = run_steps(cfg, run, init is not None)
+        console.rule(f"run [bold]{run}[/bold]: {steps} iterations, batch {cfg.batch_size}")
+        module, results, run_curves = train_and_evaluate(cfg, run, dm, out, init)
         all_results[run] = results
-        curves[run] = curve
+        curves.update({f"{run}: {k} CE": c for k, c in run_curves.items()})
         write_overlays(cfg, module, dm, report, run)
 
     flat = {f"{run}/{split}": res for run, splits in all_results.items() for split, res in splits.items()}
@@ -192,10 +246,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     print_iou_table(flat, "cityscapes19")
     write_iou_tables(report, flat, "cityscapes19")
     write_metrics_json(report / "metrics.json", all_results, "cityscapes19")
-    plot_loss_curves(report / "loss_curve.png", {f"{r}: source CE": c for r, c in curves.items()})
+    plot_loss_curves(report / "loss_curve.png", curves)
     for run, splits in all_results.items():
         line = "  ".join(f"{s} mIoU {100 * r.miou('cityscapes19'):.1f}" for s, r in splits.items())
         console.print(f"[bold]{run}[/bold]: {line}")
+    if {"source_only", "dacs"} <= set(all_results):
+        miou = {r: 100 * all_results[r]["night_val"].miou("cityscapes19") for r in ("source_only", "dacs")}
+        gain = miou["dacs"] - miou["source_only"]
+        console.print(
+            f"night_val mIoU: source_only {miou['source_only']:.1f} | dacs {miou['dacs']:.1f} | "
+            f"gain {gain:+.1f} (same compute)"
+        )
     console.print(f"report: {report}   total time {time.perf_counter() - t0:.0f} s")
     return all_results
 
@@ -209,10 +270,14 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=d.steps, help="training iterations")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--workers", type=int, default=d.num_workers, help="data loading processes")
+    p.add_argument("--dacs", action="store_true", help="also run DACS and compare at equal compute")
+    p.add_argument("--init-weights", default=d.init_weights, help="start from these segmentor weights")
+    p.add_argument("--uda-steps", type=int, default=d.uda_steps, help="DACS iterations")
     a = p.parse_args(argv)
     cfg = DemoConfig(
         seed=a.seed, out_dir=a.out, data_dir=a.data_dir, steps=a.steps,
-        batch_size=a.batch_size, num_workers=a.workers,
+        batch_size=a.batch_size, num_workers=a.workers, init_weights=a.init_weights,
+        uda_steps=a.uda_steps, runs=["source_only", "dacs"] if a.dacs else ["source_only"],
     )
     run_demo(cfg)
     return 0
