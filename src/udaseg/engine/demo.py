@@ -198,6 +198,17 @@ def write_overlays(cfg: DemoConfig, module, dm, out: Path, run: str) -> None:
         save_overlays(out / "overlays" / run / split, images, preds, gts, names)
 
 
+def quiet_lightning() -> None:
+    """Keep the demo's output to what a person reads: no Lightning tips or upstream deprecations."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo; returns ``{run: {split: IoUResult}}``."""
     import torch
@@ -212,6 +223,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     from ..models.weights import save_segmentor_weights
 
+    quiet_lightning()
     console = Console()
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
