@@ -70,6 +70,7 @@ def test_demo_end_to_end_tiny(tmp_path):
 
     cfg = DemoConfig(
         out_dir=str(tmp_path / "demo"), steps=3, batch_size=2, num_workers=0, overlays_per_split=1,
+        runs=["source_only"],
         train_scale=(128, 64), crop_size=(64, 64),
         synth=dict(width=128, height=64, n_day_train=4, n_day_val=2, n_night_train=2, n_night_val=2),
     )

@@ -13,6 +13,10 @@ COMPOSITIONS = {
     "cs2dz/mic": [*BASE, "configs/benchmarks/cs2dz/hrda.yaml", "configs/benchmarks/cs2dz/mic.yaml"],
     "synthnight/source_only": ["configs/synthnight/source_only.yaml"],
     "synthnight/dacs": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml"],
+    "synthnight/hrda": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
+                        "configs/synthnight/hrda.yaml"],
+    "synthnight/mic": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
+                       "configs/synthnight/hrda.yaml", "configs/synthnight/mic.yaml"],
 }
 
 
@@ -53,5 +57,7 @@ def test_config_instantiates(name):
         assert hooks == {"fd", "mic"}
     if name.startswith("cs2dz"):
         assert cli.config.trainer.max_steps == 40000
+    if name == "synthnight/mic":
+        assert hooks == {"mic"} and type(module.model).__name__ == "HRDASegmentor"
     if name == "synthnight/dacs":
         assert algo.cfg.alpha == 0.999 and dm.target_spec.labels is False
