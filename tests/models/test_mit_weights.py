@@ -19,13 +19,6 @@ from udaseg.models.weights import (
     to_hf_mit,
 )
 
-try:
-    import safetensors.torch  # noqa: F401
-
-    HAS_SAFETENSORS = True
-except ImportError:
-    HAS_SAFETENSORS = False
-
 
 def nvlabs_shapes(variant: str, num_imagenet_classes: int = 1000) -> dict[str, tuple[int, ...]]:
     """Key -> shape of an NVlabs ``mit_b*.pth`` file, from spec table 1.7 (not from our model)."""
@@ -177,12 +170,7 @@ def test_hf_round_trip(b0_sd, prefix):
     [
         ".bin",
         ".pth",
-        pytest.param(
-            ".safetensors",
-            marks=pytest.mark.skipif(
-                not HAS_SAFETENSORS, reason="safetensors package not installed"
-            ),
-        ),
+        ".safetensors",  # safetensors is a dependency of udaseg
     ],
 )
 def test_hf_file_loads_to_identical_model(tmp_path: Path, b0_sd, suffix):
