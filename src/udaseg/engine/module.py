@@ -70,7 +70,7 @@ def load_segmentor_weights(model: torch.nn.Module, path: str) -> None:
 
 
 class UDAModule(L.LightningModule):
-    """A segmentor trained with source supervision (and, later, UDA methods).
+    """A segmentor trained on the source only, or adapted with DACS and the configured methods.
 
     Args:
         backbone: ``mit_b0`` .. ``mit_b5`` (or ``mit_tiny`` for CPU demos).
@@ -88,7 +88,9 @@ class UDAModule(L.LightningModule):
         self_training: DACS settings; None trains on the source only.
         hrda: wrap the segmentor in HRDA multi-resolution training/inference (None = single scale).
         methods: method name (see ``udaseg.catalog.METHODS``) -> its settings, e.g.
-            ``{"fd": {}, "mic": {"block_size": 64}}``; they stack in the order given.
+            ``{"fd": {}, "mic": {"block_size": 64}}``; they stack in the order given. Hooks are
+            built after ``pretrained``/``init_weights`` are loaded, so FD's frozen copy holds the
+            weights training starts from (ImageNet weights in the paper configs).
     """
 
     def __init__(
