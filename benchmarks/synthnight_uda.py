@@ -62,7 +62,9 @@ def run_one(name: str, a) -> dict:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     train_s = time.perf_counter() - t0
-    trainer.validate(module, datamodule=dm, verbose=False)
+    L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False).validate(
+        module, datamodule=dm, verbose=False
+    )
     res = {s: 100 * r.miou("cityscapes19") for s, r in module.val_results.items()}
     return dict(run=name, steps=steps, train_s=train_s, **res)
 
@@ -82,10 +84,12 @@ def main() -> None:
     p.add_argument("--crop", type=int, nargs=2, default=[128, 128])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--baseline-night", type=float, default=None,
+                   help="night mIoU of the source-only control when it is not among --runs")
     p.add_argument("--results", default=str(Path(__file__).with_name("results.md")))
     a = p.parse_args()
     rows = [run_one(name, a) for name in a.runs]
-    base = next((r["night_val"] for r in rows if r["run"] == "source_only"), None)
+    base = next((r["night_val"] for r in rows if r["run"] == "source_only"), a.baseline_night)
     lines = [
         f"\n### SynthNight UDA, {datetime.date.today()} ({platform.machine()}, {platform.node()})\n",
         f"`python benchmarks/synthnight_uda.py --init {a.init} --steps {a.steps} --cost-ratio "
