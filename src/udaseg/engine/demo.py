@@ -67,12 +67,15 @@ def _data_root(cfg: DemoConfig) -> Path:
     return Path(cfg.out_dir) / "data" / f"synthnight_v{GENERATOR_VERSION}_seed{cfg.seed}"
 
 
-def build_datamodule(cfg: DemoConfig, root: Path):
+def build_datamodule(cfg: DemoConfig, root: Path, adapt: bool = False):
+    """Day source, night val; with ``adapt`` the unlabelled night train split as the target."""
     from .datamodule import DatasetSpec, UDADataModule
 
     pipe = PipelineConfig(scale=cfg.train_scale, crop_size=cfg.crop_size, cat_max_ratio=0.75)
     return UDADataModule(
         source=DatasetSpec("cityscapes", str(root / "cityscapes"), "train"),
+        target=DatasetSpec("dark_zurich", str(root / "dark_zurich"), "train", labels=False)
+        if adapt else None,
         val={
             "day_val": DatasetSpec("cityscapes", str(root / "cityscapes"), "val"),
             "night_val": DatasetSpec("dark_zurich", str(root / "dark_zurich"), "val"),
@@ -127,23 +130,21 @@ def read_loss_curve(metrics_csv: Path, key: str = "train/src") -> tuple[list[int
 
 
 def train_and_evaluate(
-    cfg: DemoConfig, run: str, dm, out: Path, init_weights: str | None = None, name: str | None = None,
-    evaluate: bool = True,
+    cfg: DemoConfig, run: str, root: Path, out: Path, init_weights: str | None = None,
+    name: str | None = None, evaluate: bool = True,
 ):
-    """Fit one run (logged as ``name``), validate it on every split; (module, results, curves)."""
+    """Fit one run (logged as ``name``), validate it on every split.
+
+    Returns (module, datamodule, results, loss curves).
+    """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
-    from .datamodule import DatasetSpec
-
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, run, init_weights)
     steps = run_steps(cfg, run, init_weights is not None)
-    dm.target_spec = (
-        DatasetSpec("dark_zurich", str(Path(dm.source_spec.root).parent / "dark_zurich"), "train", labels=False)
-        if run == "dacs" else None
-    )
+    dm = build_datamodule(cfg, root, adapt=run == "dacs")
     name = name or run
     logger = CSVLogger(out / "logs", name=name, version="")
     trainer = L.Trainer(
@@ -167,13 +168,13 @@ def train_and_evaluate(
     curves = {k: read_loss_curve(metrics_csv, f"train/{k}") for k in ("src", "mix")}
     curves = {k: c for k, c in curves.items() if c[0]}
     if not evaluate:
-        return module, {}, curves
+        return module, dm, {}, curves
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, callbacks=[RichProgressBar(leave=True)],
         enable_model_summary=False,
     )
     trainer.validate(module, datamodule=dm, verbose=False)
-    return module, dict(module.val_results), curves
+    return module, dm, dict(module.val_results), curves
 
 
 def write_overlays(cfg: DemoConfig, module, dm, out: Path, run: str) -> None:
@@ -236,12 +237,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     console.print(f"data: {root}  ({time.perf_counter() - t0:.0f} s)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    dm = build_datamodule(cfg, root)
     init = cfg.init_weights
     if "dacs" in cfg.runs and init is None:
         # both runs adapt/continue from the same source model, trained here from scratch
         console.rule(f"source pre-training: {cfg.steps} iterations, batch {cfg.batch_size}")
-        module, _, _ = train_and_evaluate(cfg, "source_only", dm, out, name="source_pretrain", evaluate=False)
+        module, _, _, _ = train_and_evaluate(
+            cfg, "source_only", root, out, name="source_pretrain", evaluate=False
+        )
         init = str(out / "checkpoints" / "source_pretrain.safetensors")
         save_segmentor_weights(module.model.state_dict(), init, {"backbone": cfg.backbone})
     all_results: dict[str, dict] = {}
@@ -249,7 +251,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for run in cfg.runs:
         steps = run_steps(cfg, run, init is not None)
         console.rule(f"run [bold]{run}[/bold]: {steps} iterations, batch {cfg.batch_size}")
-        module, results, run_curves = train_and_evaluate(cfg, run, dm, out, init)
+        module, dm, results, run_curves = train_and_evaluate(cfg, run, root, out, init)
         all_results[run] = results
         curves.update({f"{run}: {k} CE": c for k, c in run_curves.items()})
         write_overlays(cfg, module, dm, report, run)
