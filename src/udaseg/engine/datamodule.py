@@ -28,12 +28,26 @@ class DatasetSpec:
     split: str = "train"
     labels: bool = True
     views: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+    """Dataset-specific keyword arguments (e.g. ``{conditions: [night]}`` for ACDC)."""
 
     def build(self, transform):
         cls = resolve(DATASETS, self.name, "dataset")
         kwargs = dict(root=self.root, split=self.split, labels=self.labels, transform=transform)
         if self.views:
             kwargs["views"] = self.views
+        import inspect
+
+        accepted = set(inspect.signature(cls).parameters)
+        unknown = sorted(set(self.options) - accepted)
+        if unknown:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"dataset {self.name!r}: unknown option(s) {unknown}; {cls.__name__} accepts "
+                f"{sorted(accepted - {'root', 'split', 'labels', 'transform'})}"
+            )
+        kwargs.update(self.options)
         return cls(**kwargs)
 
 
