@@ -2,12 +2,20 @@
 
 Every run starts from the same source-only checkpoint (``--init``). A UDA run adapts for
 ``--steps`` iterations; the source-only control continues source training for
-``round(steps * cost_ratio)`` iterations, where ``cost_ratio`` is the measured cost of one UDA
-iteration in source iterations (so extra source training is not mistaken for adaptation).
-Results (day/night val mIoU) are printed and appended to ``benchmarks/results.md``.
+``round(steps * cost_ratio)`` iterations, where ``cost_ratio`` is the cost of one UDA iteration
+in source iterations (so extra source training is not mistaken for adaptation).
+
+``--cost-ratio measured`` runs the UDA methods first, measures each one's seconds per iteration,
+then trains one control run (with a constant learning rate, ``--power 0``, so that its state at
+step k is the state of a k-step run) and snapshots it at each method's equal-compute step count;
+every method is compared with its own snapshot. Results (day/night val mIoU) are printed and
+appended to ``benchmarks/results.md``.
 
     python benchmarks/synthnight_uda.py --init runs/synthnight_calibration/.../last.ckpt \
         --data data/synthnight --steps 300 --runs source_only dacs
+
+Runs: ``daformer`` = DACS + RCS + FD, ``hrda`` = daformer + HRDA (multi-resolution training and
+slide inference), ``mic`` = hrda + MIC (the paper stacks, CPU-sized as in configs/synthnight).
 """
 
 from __future__ import annotations
@@ -18,17 +26,64 @@ import platform
 import time
 from pathlib import Path
 
+MIC = {"block_size": 16, "mask_ratio": 0.7, "weight": 1.0, "mode": "separatetrgaug"}
+HRDA = dict(hrda={"context_scale": 0.5, "detail_crop_ratio": 0.5, "detail_loss_weight": 0.1},
+            inference={"mode": "slide", "crop": [128, 128], "stride": [64, 64]})
+# RCS sized for SynthNight: 3000 px on ~1 Mpx GTA labels is ~0.3% of an image; 400 px of 512x256
+RCS = {"class_temp": 0.01, "min_pixels": 400, "min_crop_ratio": 0.5}
 RUNS = {
     "source_only": dict(self_training=None, methods={}),
     "dacs": dict(self_training={}, methods={}),
     "dacs_fd": dict(self_training={}, methods={"fd": {}}),
-    "dacs_mic": dict(self_training={}, methods={"mic": {"block_size": 16, "mode": "separatetrgaug"}}),
+    "dacs_mic": dict(self_training={}, methods={"mic": MIC}),
+    "daformer": dict(self_training={}, methods={"fd": {}}, rcs=RCS),
+    "hrda": dict(self_training={}, methods={"fd": {}}, rcs=RCS, **HRDA),
+    "mic": dict(self_training={}, methods={"fd": {}, "mic": MIC}, rcs=RCS, **HRDA),
 }
 
 
-def run_one(name: str, a) -> dict:
+class StepTimer:
+    """Seconds per iteration after a warm-up of ``skip`` iterations (loader start-up excluded)."""
+
+    def __init__(self, skip: int = 10):
+        import lightning as L
+
+        class _CB(L.Callback):
+            def on_train_batch_end(cb, trainer, *args):
+                if trainer.global_step == skip:
+                    self.t0 = time.perf_counter()
+                self.t1, self.last = time.perf_counter(), trainer.global_step
+
+        self.skip, self.t0, self.t1, self.last = skip, None, None, 0
+        self.callback = _CB()
+
+    @property
+    def s_per_it(self) -> float:
+        return (self.t1 - self.t0) / max(1, self.last - self.skip)
+
+
+class Snapshots:
+    """Keeps copies of the student's weights at given global steps (a Lightning callback)."""
+
+    def __init__(self, steps):
+        import lightning as L
+
+        class _CB(L.Callback):
+            def on_train_batch_end(cb, trainer, module, *args):
+                if trainer.global_step in self.steps:
+                    self.states[trainer.global_step] = {
+                        k: v.detach().clone() for k, v in module.state_dict().items()
+                    }
+
+        self.steps = set(steps)
+        self.states: dict[int, dict] = {}
+        self.callback = _CB()
+
+
+def run_one(name: str, a, steps: int | None = None, snapshots: Snapshots | None = None) -> dict | list[dict]:
     import lightning as L
 
+    from udaseg.data.rcs import RCSConfig
     from udaseg.data.transforms import PipelineConfig
     from udaseg.engine.datamodule import DatasetSpec, UDADataModule
     from udaseg.engine.module import UDAModule
@@ -36,7 +91,8 @@ def run_one(name: str, a) -> dict:
 
     spec = RUNS[name]
     adapt = spec["self_training"] is not None
-    steps = a.steps if adapt else round(a.steps * a.cost_ratio)
+    if steps is None:
+        steps = a.steps if adapt else round(a.steps * float(a.cost_ratio))
     L.seed_everything(a.seed, workers=True, verbose=False)
     root = Path(a.data)
     pipe = PipelineConfig(scale=tuple(a.scale), crop_size=tuple(a.crop))
@@ -49,24 +105,57 @@ def run_one(name: str, a) -> dict:
         },
         source_pipeline=PipelineConfig(scale=tuple(a.scale), crop_size=tuple(a.crop), cat_max_ratio=0.75),
         target_pipeline=pipe, batch_size=a.batch_size, val_batch_size=16, num_workers=a.workers,
+        rcs=RCSConfig(**spec["rcs"]) if spec.get("rcs") else None, seed=a.seed,
     )
     module = UDAModule(
         backbone=a.backbone, head="segformer", head_channels=a.head_channels, drop_path_rate=0.0,
-        init_weights=a.init, optim=OptimConfig(lr=a.lr, warmup_iters=0),
+        init_weights=a.init, optim=OptimConfig(lr=a.lr, warmup_iters=0, power=a.power),
         self_training=spec["self_training"], methods=spec["methods"],
+        hrda=spec.get("hrda"), inference=spec.get("inference", {"mode": "whole"}),
     )
+    timer = StepTimer(skip=min(10, steps // 2))
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[timer.callback] + ([snapshots.callback] if snapshots else []),
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     train_s = time.perf_counter() - t0
-    L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False).validate(
-        module, datamodule=dm, verbose=False
-    )
-    res = {s: 100 * r.miou("cityscapes19") for s, r in module.val_results.items()}
-    return dict(run=name, steps=steps, train_s=train_s, **res)
+
+    def evaluate() -> dict:
+        L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False).validate(
+            module, datamodule=dm, verbose=False
+        )
+        return {s: 100 * r.miou("cityscapes19") for s, r in module.val_results.items()}
+
+    if snapshots is None:
+        return dict(run=name, steps=steps, train_s=train_s, s_per_it=timer.s_per_it, **evaluate())
+    rows = []
+    for k in sorted(snapshots.states):
+        module.load_state_dict(snapshots.states[k])
+        rows.append(dict(run=name, steps=k, train_s=train_s * k / steps, s_per_it=timer.s_per_it,
+                         **evaluate()))
+    return rows
+
+
+def measured_comparison(a) -> list[dict]:
+    """UDA runs first; then one control run snapshotted at each run's equal-compute step."""
+    methods = [r for r in a.runs if r != "source_only"]
+    rows = [run_one(name, a) for name in methods]
+    # the source iteration cost, measured on a short control run before the long one
+    probe = run_one("source_only", a, steps=max(20, a.steps // 10))
+    per_source_it = probe["s_per_it"]
+    targets = {r["run"]: max(1, round(r["steps"] * r["s_per_it"] / per_source_it)) for r in rows}
+    snaps = Snapshots(targets.values())
+    controls = run_one("source_only", a, steps=max(targets.values()), snapshots=snaps)
+    by_step = {c["steps"]: c for c in controls}
+    for r in rows:
+        c = by_step[targets[r["run"]]]
+        r["control_night"] = c["night_val"]
+    for c in controls:
+        c["control_night"] = None
+    return rows + controls
 
 
 def main() -> None:
@@ -75,8 +164,10 @@ def main() -> None:
     p.add_argument("--data", default="data/synthnight")
     p.add_argument("--runs", nargs="+", default=["source_only", "dacs"], choices=sorted(RUNS))
     p.add_argument("--steps", type=int, default=300, help="UDA iterations")
-    p.add_argument("--cost-ratio", type=float, default=2.3, help="UDA / source iteration cost")
+    p.add_argument("--cost-ratio", default="2.3",
+                   help="UDA / source iteration cost, or 'measured' (see the module docstring)")
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--power", type=float, default=1.0, help="poly power (0: constant lr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", default="mit_tiny")
     p.add_argument("--head-channels", type=int, default=128)
@@ -88,20 +179,28 @@ def main() -> None:
                    help="night mIoU of the source-only control when it is not among --runs")
     p.add_argument("--results", default=str(Path(__file__).with_name("results.md")))
     a = p.parse_args()
-    rows = [run_one(name, a) for name in a.runs]
-    base = next((r["night_val"] for r in rows if r["run"] == "source_only"), a.baseline_night)
+    if a.cost_ratio == "measured":
+        rows = measured_comparison(a)
+    else:
+        rows = [run_one(name, a) for name in a.runs]
+        base = next((r["night_val"] for r in rows if r["run"] == "source_only"), a.baseline_night)
+        for r in rows:
+            r["control_night"] = base
     lines = [
         f"\n### SynthNight UDA, {datetime.date.today()} ({platform.machine()}, {platform.node()})\n",
         f"`python benchmarks/synthnight_uda.py --init {a.init} --steps {a.steps} --cost-ratio "
-        f"{a.cost_ratio} --lr {a.lr} --seed {a.seed} --runs {' '.join(a.runs)}`\n",
-        "| run | iterations | train time (s) | day_val mIoU | night_val mIoU | night gain |",
-        "|---|---|---|---|---|---|",
+        f"{a.cost_ratio} --lr {a.lr} --power {a.power} --seed {a.seed} --runs {' '.join(a.runs)}`\n",
+        "| run | iterations | train time (s) | s / iteration | day_val mIoU | night_val mIoU "
+        "| equal-compute control night | night gain |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        gain = "" if base is None else f"{r['night_val'] - base:+.2f}"
+        base = r.get("control_night")
+        gain = "" if base is None or r["run"] == "source_only" else f"{r['night_val'] - base:+.2f}"
+        ctrl = "" if base is None else f"{base:.2f}"
         lines.append(
-            f"| {r['run']} | {r['steps']} | {r['train_s']:.0f} | {r['day_val']:.2f} | "
-            f"{r['night_val']:.2f} | {gain} |"
+            f"| {r['run']} | {r['steps']} | {r['train_s']:.0f} | {r['s_per_it']:.3f} | "
+            f"{r['day_val']:.2f} | {r['night_val']:.2f} | {ctrl} | {gain} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

@@ -10,7 +10,13 @@ import importlib
 
 DATASETS: dict[str, str] = {
     "cityscapes": "udaseg.data.datasets.cityscapes:Cityscapes",
+    "gta": "udaseg.data.datasets.gta:GTA5",
+    "synthia": "udaseg.data.datasets.synthia:Synthia",
     "dark_zurich": "udaseg.data.datasets.dark_zurich:DarkZurich",
+    "acdc": "udaseg.data.datasets.acdc:ACDC",
+    "nighttime_driving": "udaseg.data.datasets.nighttime_driving:NighttimeDriving",
+    "bdd100k_night": "udaseg.data.datasets.bdd100k_night:BDD100kNight",
+    "dsec_night": "udaseg.data.datasets.dsec:DSECNightSemantic",
 }
 
 

@@ -57,3 +57,16 @@ def test_normalize_roundtrip():
     img = s["image"].clone()
     out = Normalize()(s)
     assert torch.equal(denormalize(out["image"]), img.round().to(torch.uint8))
+
+
+def test_pl_crop_v2_view_follows_the_geometry_and_pads_invalid():
+    from udaseg.data.transforms import PipelineConfig, pl_crop_v2_mask
+
+    sample = {"image": torch.zeros(3, 10, 20), "label": torch.zeros(10, 20, dtype=torch.int64)}
+    pipe = PipelineConfig(scale=(20, 10), crop_size=(12, 20), flip_prob=1.0,
+                          pseudo_label_crop=(1, 2, 3, 4)).train()
+    out = pipe(sample)
+    expected = torch.zeros(12, 20)
+    expected[:10] = pl_crop_v2_mask(10, 20, 1, 2, 3, 4).flip(-1)  # flipped, then padded with 0
+    assert torch.equal(out["valid_pseudo"], expected)
+    assert out["valid_pseudo"][1:8, 4:17].eq(1).all() and out["label"][10:].eq(255).all()

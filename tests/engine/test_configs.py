@@ -5,12 +5,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = ["configs/base/trainer_40k.yaml", "configs/base/model_mitb5_daformer.yaml", "configs/base/data_cs2dz.yaml"]
+BENCHMARKS = ("cs2dz", "cs2acdc", "gta2cs", "synthia2cs")
+
+
+def _paper(bench: str, *names: str) -> list[str]:
+    base = ["configs/base/trainer_40k.yaml", "configs/base/model_mitb5_daformer.yaml",
+            f"configs/base/data_{bench}.yaml"]
+    return base + [f"configs/benchmarks/{bench}/{n}.yaml" for n in names]
+
+
 COMPOSITIONS = {
-    "cs2dz/source_only": [*BASE, "configs/benchmarks/cs2dz/source_only.yaml"],
-    "cs2dz/daformer": [*BASE, "configs/benchmarks/cs2dz/daformer.yaml"],
-    "cs2dz/hrda": [*BASE, "configs/benchmarks/cs2dz/hrda.yaml"],
-    "cs2dz/mic": [*BASE, "configs/benchmarks/cs2dz/hrda.yaml", "configs/benchmarks/cs2dz/mic.yaml"],
+    **{f"{b}/source_only": _paper(b, "source_only") for b in BENCHMARKS},
+    **{f"{b}/daformer": _paper(b, "daformer") for b in BENCHMARKS},
+    **{f"{b}/hrda": _paper(b, "hrda") for b in BENCHMARKS},
+    **{f"{b}/mic": _paper(b, "hrda", "mic") for b in BENCHMARKS},
+    "predict/dark_zurich_test": [*_paper("cs2dz", "daformer"), "configs/predict/dark_zurich_test.yaml"],
+    "predict/acdc_test": [*_paper("cs2acdc", "daformer"), "configs/predict/acdc_test.yaml"],
     "synthnight/source_only": ["configs/synthnight/source_only.yaml"],
     "synthnight/dacs": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml"],
     "synthnight/hrda": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
@@ -26,7 +36,7 @@ def test_every_config_file_is_used():
     assert shipped - used <= {"configs/synthnight/calibration.yaml"}
 
 
-def instantiate(files):
+def instantiate(files, tmp_path=None):
     from lightning.pytorch.cli import LightningCLI
 
     from udaseg.engine.datamodule import UDADataModule
@@ -34,29 +44,53 @@ def instantiate(files):
 
     args = []
     for f in files:
-        args += ["--config", str(REPO / f)]
+        path = REPO / f
+        if f.startswith("configs/predict/"):
+            # `return_predictions` belongs to the predict subcommand, which run=False lacks
+            import yaml
+
+            cfg = yaml.safe_load(path.read_text())
+            assert cfg.pop("return_predictions") is False  # full-size predictions stay on disk
+            path = tmp_path / path.name
+            path.write_text(yaml.safe_dump(cfg))
+        args += ["--config", str(path)]
     args += ["--model.backbone", "mit_tiny", "--model.pretrained", "null", "--model.head_channels", "32"]
     return LightningCLI(UDAModule, UDADataModule, args=args, run=False)
 
 
 @pytest.mark.parametrize("name", sorted(COMPOSITIONS))
-def test_config_instantiates(name):
-    cli = instantiate(COMPOSITIONS[name])
+def test_config_instantiates(name, tmp_path):
+    cli = instantiate(COMPOSITIONS[name], tmp_path)
     module, dm = cli.model, cli.datamodule
     algo = module.algorithm
     hooks = {h.name for h in algo.aux_losses}
-    if name == "cs2dz/source_only":
+    bench, _, method = name.partition("/")
+    if bench in BENCHMARKS:
+        assert cli.config.trainer.max_steps == 40000
+        assert dm.source_spec.name == {"gta2cs": "gta", "synthia2cs": "synthia"}.get(bench, "cityscapes")
+        assert module.hparams.label_set == ("synthia16" if bench == "synthia2cs" else "cityscapes19")
+    if method == "source_only" and bench in BENCHMARKS:
         assert algo.cfg is None and dm.target_spec is None
-    if name == "cs2dz/daformer":
+    if method == "daformer" and bench in BENCHMARKS:
         assert algo.cfg.pseudo_weight_ignore_bottom == 120 and hooks == {"fd"}
-        assert dm.rcs.min_crop_ratio == 0.5
-    if name in ("cs2dz/hrda", "cs2dz/mic"):
+        assert dm.rcs.min_crop_ratio == 0.5 and dm.source_pipeline.crop_size == (512, 512)
+    if method in ("hrda", "mic") and bench in BENCHMARKS:
         assert type(module.model).__name__ == "HRDASegmentor"
         assert module.inference_cfg.mode == "slide" and dm.rcs.min_crop_ratio == 2.0
-    if name == "cs2dz/mic":
+        assert algo.cfg.pseudo_weight_ignore_bottom == 0
+        # PL crop v2 only when the target is Cityscapes (spec 7.7)
+        want = (30, 240, 30, 30) if bench in ("gta2cs", "synthia2cs") else None
+        crop = dm.target_pipeline.pseudo_label_crop
+        assert (tuple(crop) if crop else None) == want
+    if method == "mic" and bench in BENCHMARKS:
         assert hooks == {"fd", "mic"}
-    if name.startswith("cs2dz"):
-        assert cli.config.trainer.max_steps == 40000
+        mic = next(h for h in algo.aux_losses if h.name == "mic")
+        assert mic.cfg.mode == ("separate" if bench.startswith("cs2") else "separatetrgaug")
+    if bench == "predict":
+        fmt = method.removesuffix("_test")
+        assert dm.predict_spec.split == "test" and dm.predict_spec.labels is False
+        writers = [c for c in cli.trainer.callbacks if type(c).__name__ == "SubmissionWriter"]
+        assert len(writers) == 1 and writers[0].fmt == fmt
     if name == "synthnight/mic":
         assert hooks == {"mic"} and type(module.model).__name__ == "HRDASegmentor"
     if name == "synthnight/dacs":

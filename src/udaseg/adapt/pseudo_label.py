@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.transforms import pl_crop_v2_mask
 from .hooks import PseudoLabels
 
 __all__ = ["pseudo_labels_from_logits", "pl_crop_v2_mask", "WeightMode"]
@@ -101,24 +102,3 @@ def pseudo_labels_from_logits(
     if crop is not None:
         weight = weight * crop
     return PseudoLabels(label=label, weight=weight, prob=prob, valid=crop)
-
-
-def pl_crop_v2_mask(
-    h: int,
-    w: int,
-    top: int = 30,
-    bottom: int = 240,
-    left: int = 30,
-    right: int = 30,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Full-image PL-crop-v2 valid mask (h, w) float32: 1 inside, 0 in the margins (spec 7.7).
-
-    Built at the full label size (1024x2048 Cityscapes), then resized/cropped/flipped with the
-    label (nearest) so margins only appear when a crop touches the image border.
-    """
-    if min(top, bottom, left, right) < 0:
-        raise ValueError("pl_crop_v2_mask: margins must be >= 0")
-    m = torch.zeros(h, w, device=device)
-    m[top : max(h - bottom, top), left : max(w - right, left)] = 1.0
-    return m

@@ -29,7 +29,14 @@ from .classes import IGNORE_INDEX
 
 Sample = dict
 
-LABEL_KEYS: frozenset[str] = frozenset({"label"})
+LABEL_KEYS: frozenset[str] = frozenset({"label", "invalid", "valid_pseudo"})
+"""Views resized with nearest neighbour (labels and masks)."""
+
+PAD_VALUES: dict[str, int] = {"label": IGNORE_INDEX, "invalid": 255, "valid_pseudo": 0}
+"""Padding value per view (default 0): ignore for labels, "invalid" for masks, 0 = not valid."""
+
+#: views resized to the test scale in the test pipeline (labels keep their full resolution)
+TEST_RESIZE_KEYS: tuple[str, ...] = ("image", "ref", "depth", "events")
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -185,8 +192,45 @@ class Pad:
         ph, pw = max(self.size[0] - h, 0), max(self.size[1] - w, 0)
         if ph or pw:
             for k in _spatial_keys(sample):
-                value = IGNORE_INDEX if k in LABEL_KEYS else 0
-                sample[k] = F.pad(sample[k], (0, pw, 0, ph), value=value)
+                sample[k] = F.pad(sample[k], (0, pw, 0, ph), value=PAD_VALUES.get(k, 0))
+        return sample
+
+
+def pl_crop_v2_mask(
+    h: int,
+    w: int,
+    top: int = 30,
+    bottom: int = 240,
+    left: int = 30,
+    right: int = 30,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Full-image PL-crop-v2 valid mask (h, w) float32: 1 inside, 0 in the margins (spec 7.7).
+
+    Built at the full label size (1024x2048 Cityscapes), then resized/cropped/flipped with the
+    label (nearest) so margins only appear when a crop touches the image border.
+    """
+    if min(top, bottom, left, right) < 0:
+        raise ValueError("pl_crop_v2_mask: margins must be >= 0")
+    m = torch.zeros(h, w, device=device)
+    m[top : max(h - bottom, top), left : max(w - right, left)] = 1.0
+    return m
+
+
+@dataclass
+class AddPseudoLabelCrop:
+    """Add the ``valid_pseudo`` view: the PL-crop-v2 mask of the full image (HRDA/MIC with a
+    Cityscapes target; margins top, bottom, left, right = 30, 240, 30, 30 at 1024x2048).
+
+    Must run first (before any resize or crop), so the margins are those of the original image;
+    the self-training loop multiplies the pseudo-label weight by the cropped mask.
+    """
+
+    margins: tuple[int, int, int, int] = (30, 240, 30, 30)
+
+    def __call__(self, sample: Sample) -> Sample:
+        h, w = _hw(sample)
+        sample["valid_pseudo"] = pl_crop_v2_mask(h, w, *self.margins)
         return sample
 
 
@@ -204,10 +248,15 @@ class PipelineConfig:
     flip_prob: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    pseudo_label_crop: tuple[int, int, int, int] | None = None
+    """PL crop v2 margins (top, bottom, left, right) in original pixels, for a target pipeline:
+    HRDA/MIC use (30, 240, 30, 30) when the target is Cityscapes, nothing for ACDC/Dark Zurich."""
 
     def train(self) -> Compose:
+        first = [AddPseudoLabelCrop(tuple(self.pseudo_label_crop))] if self.pseudo_label_crop else []
         return Compose(
             [
+                *first,
                 Resize(self.scale),
                 RandomCrop(self.crop_size, cat_max_ratio=self.cat_max_ratio),
                 RandomFlip(self.flip_prob),
@@ -220,7 +269,7 @@ class PipelineConfig:
         """Resize the image views only; labels stay at full resolution for scoring."""
         return Compose(
             [
-                Resize(self.scale, keys=("image", "ref", "depth")),
+                Resize(self.scale, keys=TEST_RESIZE_KEYS),
                 Normalize(self.mean, self.std),
             ]
         )

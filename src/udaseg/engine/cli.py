@@ -24,11 +24,13 @@ Unsupervised domain adaptation of semantic segmentation (DAFormer / HRDA / MIC f
 commands:
   demo       generate SynthNight, train on day, evaluate on day and night, write a report
   synth      write a SynthNight copy (procedural day/night benchmark) to a folder
+  prepare    convert labels, write RCS statistics / event indexes, check a dataset folder
   fit        train a model from a YAML config          (LightningCLI: udaseg fit --config X.yaml)
   validate   evaluate a checkpoint on the validation splits
   test       evaluate a checkpoint on the test splits
   predict    run inference and write predictions
   export-weights  write a checkpoint's segmentor weights as .safetensors (for model.init_weights)
+  check-submission  validate a benchmark-server export (Dark Zurich zip, ACDC folder) before upload
 
 Run `udaseg <command> --help` for the options of one command.
 """
@@ -81,6 +83,31 @@ def synth_main(argv: list[str]) -> int:
     return 0
 
 
+def prepare_main(argv: list[str]) -> int:
+    from .prepare import PREPARATIONS, prepare_dataset
+
+    p = argparse.ArgumentParser(
+        prog="udaseg prepare",
+        description="Make a downloaded dataset ready (train-ID labels, RCS statistics, DSEC event "
+        "index), then count images/labels per split and list every problem. Idempotent.",
+    )
+    p.add_argument("dataset", choices=list(PREPARATIONS), help="dataset name")
+    p.add_argument("root", help="the dataset root, as extracted from the archives")
+    p.add_argument("--check", action="store_true", help="only check the folder; write nothing")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--splits", nargs="+", default=None, help="check only these splits")
+    p.add_argument("--no-rcs", action="store_true", help="skip the rare class sampling statistics")
+    p.add_argument("--force", action="store_true", help="rebuild index files that look up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    result = prepare_dataset(
+        a.dataset, a.root, check_only=a.check, workers=a.workers, progress=not a.quiet,
+        rcs=not a.no_rcs, force=a.force, splits=a.splits,
+    )
+    print(result.check.format())
+    return 0 if result.check.ok else 1
+
+
 def export_weights_main(argv: list[str]) -> int:
     import torch
 
@@ -122,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"udaseg {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
-    if cmd not in (*LIGHTNING_COMMANDS, "demo", "synth", "export-weights"):
+    if cmd not in (*LIGHTNING_COMMANDS, "demo", "synth", "prepare", "export-weights",
+                   "check-submission"):
         print(f"udaseg: unknown command {cmd!r}\n\n{HELP}", file=sys.stderr)
         return 2
     try:
@@ -134,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main(rest)
         if cmd == "export-weights":
             return export_weights_main(rest)
+        if cmd == "prepare":
+            return prepare_main(rest)
+        if cmd == "check-submission":
+            from ..eval.export import check_submission_main
+
+            return check_submission_main(rest)
         return synth_main(rest)
     except (UdasegError, FileNotFoundError, FileExistsError) as exc:
         if os.environ.get("UDASEG_DEBUG"):

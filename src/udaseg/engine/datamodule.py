@@ -6,6 +6,7 @@ every batch is a dict of stacked sample entries (see :mod:`udaseg.data.transform
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,14 +28,15 @@ class DatasetSpec:
     root: str
     split: str = "train"
     labels: bool = True
-    views: list[str] = field(default_factory=list)
+    views: list[str] | None = None
+    """Extra views to load (None: the dataset's default, e.g. events for ``dsec_night``)."""
     options: dict = field(default_factory=dict)
     """Dataset-specific keyword arguments (e.g. ``{conditions: [night]}`` for ACDC)."""
 
     def build(self, transform):
         cls = resolve(DATASETS, self.name, "dataset")
         kwargs = dict(root=self.root, split=self.split, labels=self.labels, transform=transform)
-        if self.views:
+        if self.views is not None:
             kwargs["views"] = self.views
         import inspect
 
@@ -68,6 +70,10 @@ class UDADataModule(L.LightningDataModule):
             min_crop_ratio 0.5``; HRDA/MIC: ``min_crop_ratio 2.0``). Class statistics are computed
             once and cached next to the dataset.
         seed: base seed of the RCS streams (each rank and worker gets its own stream).
+        predict: the split ``udaseg predict`` runs on (e.g. Dark Zurich ``test``); read without
+            labels, with the target's test pipeline (the source's for a source-dataset split),
+            one image per batch since test images may differ in size. Predictions come back at
+            each image's original size (see ``UDAModule.predict_step``).
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class UDADataModule(L.LightningDataModule):
         synthnight_root: str = "data/synthnight",
         rcs: RCSConfig | None = None,
         seed: int = 0,
+        predict: DatasetSpec | None = None,
     ):
         super().__init__()
         self.source_spec = source
@@ -98,6 +105,8 @@ class UDADataModule(L.LightningDataModule):
         self.synthnight_root = synthnight_root
         self.rcs = rcs
         self.seed = seed
+        self.predict_spec = dataclasses.replace(predict, labels=False) if predict is not None else None
+        self.predict_set = None
 
     @property
     def val_names(self) -> list[str]:
@@ -121,11 +130,18 @@ class UDADataModule(L.LightningDataModule):
             self.target_set = (
                 self.target_spec.build(self.target_pipeline.train()) if self.target_spec else None
             )
+        if stage in (None, "predict") and self.predict_spec is not None:
+            self.predict_set = self.predict_spec.build(self._eval_pipeline(self.predict_spec).test())
+        if stage == "predict":
+            return  # prediction needs no validation split (its root may not exist there)
         # validation splits are scored with the target's test pipeline (day splits with the source's)
         self.val_sets = {}
         for name, spec in self.val_specs.items():
-            pipe = self.target_pipeline if spec.name != self.source_spec.name else self.source_pipeline
-            self.val_sets[name] = spec.build(pipe.test())
+            self.val_sets[name] = spec.build(self._eval_pipeline(spec).test())
+
+    def _eval_pipeline(self, spec: DatasetSpec) -> PipelineConfig:
+        """The target's pipeline, or the source's for a split of the source dataset."""
+        return self.target_pipeline if spec.name != self.source_spec.name else self.source_pipeline
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
@@ -179,3 +195,13 @@ class UDADataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._eval_loaders()
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_set is None:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                "udaseg predict: no split to predict; set data.predict, e.g. "
+                "{name: dark_zurich, root: data/dark_zurich, split: test}"
+            )
+        return DataLoader(self.predict_set, batch_size=1, shuffle=False, num_workers=self.num_workers)

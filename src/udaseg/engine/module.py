@@ -234,7 +234,31 @@ class UDAModule(L.LightningModule):
         self._end_eval("test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        size = tuple(int(s) for s in batch["ori_size"][0])
-        probs = self.predict_logits(batch["image"], out_size=size).softmax(1)
-        conf, pred = probs.max(1)
-        return {"name": batch["name"], "pred": pred, "confidence": conf}
+        """Train IDs and confidence of every image at its original size ``batch["ori_size"]``.
+
+        Returns ``{"name": [str] * B, "pred": ..., "confidence": ...}``: ``pred`` holds uint8
+        train IDs (argmax of the configured whole/slide inference, logits resized bilinearly to
+        the original size) and ``confidence`` the float32 max softmax probability. Both are
+        ``(B, H, W)`` tensors when every sample has the same original size (always with the
+        predict loader's batch size 1), else lists of ``(H_i, W_i)`` tensors. Writing files is
+        left to a callback (:class:`udaseg.engine.callbacks.SubmissionWriter`).
+        """
+        names = batch["name"]
+        names = [names] if isinstance(names, str) else list(names)
+        sizes = [(int(s[0]), int(s[1])) for s in batch["ori_size"].reshape(-1, 2).tolist()]
+        images = batch["image"]
+
+        def infer(x: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            probs = self.predict_logits(x, out_size=size).float().softmax(1)
+            conf, pred = probs.max(1)
+            return pred.to(torch.uint8 if self.hparams.num_classes <= 256 else torch.int64), conf
+
+        if all(s == sizes[0] for s in sizes):
+            pred, conf = infer(images, sizes[0])
+            return {"name": names, "pred": pred, "confidence": conf}
+        preds, confs = [], []
+        for i, size in enumerate(sizes):  # one original size per sample: infer them one by one
+            pred, conf = infer(images[i : i + 1], size)
+            preds.append(pred[0])
+            confs.append(conf[0])
+        return {"name": names, "pred": preds, "confidence": confs}

@@ -6,7 +6,9 @@ subclass from the real on-disk layout); reading, validation and the joint transf
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +38,33 @@ def require_dir(path: Path, what: str, fix: str) -> Path:
     return path
 
 
+_COLLECTED: ContextVar[list[str] | None] = ContextVar("udaseg_collected_missing", default=None)
+
+
+@contextmanager
+def collect_missing() -> Iterator[list[str]]:
+    """Within this block :func:`report_missing` appends its message to the yielded list instead
+    of raising, so a dataset with missing partner files can still be listed (``prepare --check``
+    reports everything that is wrong, not only the first problem)."""
+    sink: list[str] = []
+    token = _COLLECTED.set(sink)
+    try:
+        yield sink
+    finally:
+        _COLLECTED.reset(token)
+
+
 def report_missing(missing: list[str], what: str, fix: str) -> None:
+    """Raise one DataError listing (the first five of) ``missing`` files, ``what`` they are
+    and the ``fix``; inside :func:`collect_missing` the message is collected instead."""
     if missing:
         shown = "\n  ".join(missing[:5])
         more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise DataError(f"{len(missing)} {what}:\n  {shown}{more}\n{fix}")
+        message = f"{len(missing)} {what}:\n  {shown}{more}\n{fix}"
+        sink = _COLLECTED.get()
+        if sink is None:
+            raise DataError(message)
+        sink.append(message)
 
 
 class SegmentationDataset(Dataset):
@@ -70,12 +94,16 @@ class SegmentationDataset(Dataset):
         """Read an extra view; image-like by default. Subclasses override for depth/events."""
         return read_image(path)
 
+    def load_label(self, rec: Record, image_size: tuple[int, int]) -> np.ndarray:
+        """Read and validate the label of ``rec``; subclasses may adapt it (e.g. GTA sizes)."""
+        return read_label(rec.label, expected_size=image_size, num_classes=NUM_CLASSES)
+
     def load(self, index: int) -> Sample:
         rec = self.records[index]
         image = read_image(rec.image)
         label = None
         if rec.label is not None:
-            label = read_label(rec.label, expected_size=image.shape[:2], num_classes=NUM_CLASSES)
+            label = self.load_label(rec, image.shape[:2])
         views = {k: self.load_view(k, p) for k, p in rec.views.items()}
         sample = to_tensor_sample(image, label, **views)
         sample["name"] = rec.name

@@ -1,0 +1,172 @@
+"""``udaseg prepare NAME ROOT``: make a downloaded dataset ready to train on, then check it.
+
+Replaces the seeds' ``tools/convert_datasets/{cityscapes,gta,synthia}.py`` and CMDA's
+``create_dsec_dataset_txt.py``. Per dataset:
+
+==================  ==============================================  ====================
+dataset             steps                                           checked splits
+==================  ==============================================  ====================
+cityscapes          labelIds -> trainIds, RCS statistics (train)    train, val (+ test)
+gta                 raw IDs -> trainIds, RCS statistics             train
+synthia             16-bit raw IDs -> trainIds, RCS statistics      train
+dsec_night          image -> event index per sequence, split lists  train, test
+dark_zurich         (ships trainIds)                                train, val, test
+acdc                (ships trainIds)                                train, val, test
+nighttime_driving   (ships trainIds)                                test
+bdd100k_night       (ships trainIds)                                test
+==================  ==============================================  ====================
+
+Every step is idempotent and interruption-safe: converted labels, index files and statistics
+are written to a temporary file and renamed, and a re-run skips what is complete. The check
+(:mod:`udaseg.data.check`) then counts images and labels per split and lists every problem.
+``--check`` runs the check only and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..catalog import DATASETS, resolve
+from ..data.check import CheckReport, check_dataset
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What ``prepare`` does for one dataset."""
+
+    splits: dict[str, bool]
+    """Split -> whether it is labelled (what the check reads)."""
+    convert: bool = False
+    """Raw label IDs to convert (a key of :data:`udaseg.data.convert.CONVERSIONS`)."""
+    rcs_split: str | None = None
+    """Split whose rare-class-sampling statistics are written into the root."""
+    index: Callable[..., object] | None = None
+    """Extra indexing step ``f(root, force) -> report with .lines()``."""
+    label_check: Callable | None = None
+    """Replaces the default label validation of the check (see :func:`check_dataset`)."""
+    options: dict = field(default_factory=dict)
+    """Dataset constructor options used by the check."""
+
+
+def _dsec_index(root: Path, force: bool):
+    from ..data.dsec_index import prepare_dsec
+
+    return prepare_dsec(root, force=force)
+
+
+def _gta_label_check(label_path: Path, image_hw: tuple[int, int]) -> str | None:
+    """GTA: a label of a slightly different size is resized at load time, so only a note."""
+    from ..data.classes import NUM_CLASSES
+    from ..data.datasets.gta import fit_label_to_image
+    from ..data.io import read_label
+
+    label = read_label(label_path, num_classes=NUM_CLASSES)
+    fit_label_to_image(label, image_hw, label_path, label_path)  # raises on a wrong aspect ratio
+    if tuple(label.shape[:2]) != tuple(image_hw):
+        return f"{label_path} is {label.shape[0]}x{label.shape[1]}, its image {image_hw[0]}x{image_hw[1]} (resized when loaded)"
+    return None
+
+
+PREPARATIONS: dict[str, Preparation] = {
+    "cityscapes": Preparation({"train": True, "val": True}, convert=True, rcs_split="train"),
+    "gta": Preparation({"train": True}, convert=True, rcs_split="train", label_check=_gta_label_check),
+    "synthia": Preparation({"train": True}, convert=True, rcs_split="train"),
+    "dsec_night": Preparation({"train": False, "test": True}, index=_dsec_index),
+    "dark_zurich": Preparation({"train": False, "val": True, "test": False}),
+    "acdc": Preparation({"train": True, "val": True, "test": False}),
+    "nighttime_driving": Preparation({"test": True}),
+    "bdd100k_night": Preparation({"test": True}),
+}
+
+
+@dataclass
+class PrepareResult:
+    """Lines describing what was done, and the check of the prepared dataset."""
+
+    lines: list[str]
+    check: CheckReport
+
+
+def prepare_dataset(
+    name: str,
+    root: str | Path,
+    *,
+    check_only: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+    rcs: bool = True,
+    force: bool = False,
+    splits: list[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> PrepareResult:
+    """Prepare (unless ``check_only``) and check dataset ``name`` at ``root``.
+
+    Args:
+        name: a dataset name of :data:`PREPARATIONS`.
+        root: the dataset root as extracted from the archives.
+        check_only: only check; write nothing.
+        workers: processes for label conversion and statistics (default: all cores).
+        rcs: write the rare class sampling statistics of the source datasets.
+        force: rebuild index files that look up to date (DSEC).
+        splits: check only these splits (default: every split the dataset has).
+        log: receives one line per step.
+    """
+    from ..errors import ConfigError
+
+    if name not in PREPARATIONS:
+        raise ConfigError(
+            f"udaseg prepare: unknown dataset {name!r}; choose from {', '.join(PREPARATIONS)}"
+        )
+    prep = PREPARATIONS[name]
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{name}: dataset root {root} does not exist; extract the dataset archives there first"
+        )
+    cls = resolve(DATASETS, name, "dataset")
+
+    def build(**kwargs):
+        return cls(root=root, **prep.options, **kwargs)
+
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        log(line)
+
+    conversion = None
+    if not check_only and prep.convert:
+        from ..data.convert import convert_dataset
+
+        conversion = convert_dataset(name, root, workers=workers, progress=progress)
+        say(
+            f"{name}: train-ID labels: {conversion.converted} written, {conversion.skipped} "
+            f"already done, {len(conversion.failed)} failed"
+        )
+    if not check_only and prep.index is not None:
+        for line in prep.index(root, force).lines():
+            say(line)
+
+    wanted = prep.splits if splits is None else {s: prep.splits.get(s, True) for s in splits}
+    report = check_dataset(
+        name, root, wanted, build, workers=workers or 8, progress=progress,
+        label_check=prep.label_check,
+    )
+    if conversion is not None and conversion.failed:
+        report.splits[0].problems.insert(0, conversion.failure_report())
+
+    if not check_only and rcs and prep.rcs_split is not None:
+        rcs_report = next((s for s in report.splits if s.split == prep.rcs_split), None)
+        if rcs_report is not None and rcs_report.problems:
+            say(f"{name}: RCS statistics not written: the {prep.rcs_split} split has problems (below)")
+        else:
+            from ..data.rcs import STATS_FILE, load_or_compute_class_stats
+
+            ds = build(split=prep.rcs_split, labels=True)
+            n_proc = workers if workers is not None else min(8, os.cpu_count() or 1)
+            stats = load_or_compute_class_stats(ds, workers=n_proc if n_proc > 1 else 0, progress=progress)
+            say(f"{name}: RCS statistics of {len(stats)} {prep.rcs_split} labels in {root / STATS_FILE}")
+    return PrepareResult(lines, report)
