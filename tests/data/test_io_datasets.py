@@ -90,3 +90,15 @@ def test_paths_with_split_names_in_root(tmp_path):
     write_png(root / "gt/val/night/GOPR0001" / f"{stem}_gt_labelTrainIds.png", random_label(rng, 8, 8))
     assert len(DarkZurich(root, "val")) == 1
     assert isinstance(root, Path)
+
+
+def test_cityscapes_ic_view_is_grey_and_named_like_the_image(tiny_cityscapes):
+    rng = np.random.default_rng(3)
+    ic = rng.integers(0, 255, (32, 64), dtype=np.uint8)
+    for img in (tiny_cityscapes / "leftImg8bit/train/aachen").glob("*.png"):
+        write_png(tiny_cityscapes / "leftImg8bit_IC1/train/aachen" / img.name, ic)
+    s = Cityscapes(tiny_cityscapes, "train", views=("ic",))[0]
+    assert s["ic"].shape == (1, 32, 64) and torch.equal(s["ic"][0], torch.from_numpy(ic).float())
+    next((tiny_cityscapes / "leftImg8bit_IC1/train/aachen").glob("*.png")).unlink()
+    with pytest.raises(DataError, match=r"(?s)leftImg8bit_IC1.*drop the view"):
+        Cityscapes(tiny_cityscapes, "train", views=("ic",))

@@ -84,6 +84,30 @@ def read_label(
     return label.astype(np.uint8, copy=False)
 
 
+def read_grey(
+    path: str | Path, what: str, modes: tuple[str, ...] = ("1", "L", "P", "RGB"), fix: str = ""
+) -> np.ndarray:
+    """Read a single-channel 8-bit map (depth, validity mask, IC image) as (H, W, 1) uint8.
+
+    ``what`` names the map in errors; files whose mode is not in ``modes`` are a DataError.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    fix = fix or "Re-extract it from the dataset archive."
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in modes:
+                raise DataError(f"{what} {path} has mode {im.mode!r}; expected an 8-bit grey PNG. {fix}")
+            arr = np.array(im.convert("L"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise DataError(f"cannot read {what} {path}: {exc}. {fix}") from None
+    return arr[..., None]
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image file, read from its header only."""
     from PIL import Image

@@ -214,6 +214,10 @@ class UDAModule(L.LightningModule):
             res = self.val_metrics[name].compute()
             self.val_results[name] = res
             self.log(f"{prefix}/{name}/mIoU", float(res.miou(ls)) * 100.0, sync_dist=False)
+            if ls not in (None, "cityscapes19"):
+                # beside the exact subset mean: the 19-class mean and the seeds' x19/n figure
+                self.log(f"{prefix}/{name}/mIoU19", float(res.miou("cityscapes19")) * 100.0)
+                self.log(f"{prefix}/{name}/mIoU19_x19/n", float(res.scaled_miou19(ls)) * 100.0)
 
     def on_validation_epoch_start(self) -> None:
         self._start_eval()

@@ -5,21 +5,33 @@
     <root>/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
     <root>/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelTrainIds.png
 
-The ``*_labelTrainIds.png`` files are made from the official ``labelIds``/polygons by
+The ``*_labelTrainIds.png`` files are made from the official ``*_gtFine_labelIds.png`` by
 ``udaseg prepare cityscapes`` (cityscapesscripts' trainIds convention: 19 classes, 255 ignore).
 SynthNight writes its day domain in exactly this layout.
+
+Optional view ``"ic"`` (CMDA's Image Motion-Extractor output, made offline from consecutive
+``leftImg8bit_sequence`` frames; ``ciss_cmda_spec.md`` 2.5), same file name, 8-bit grey::
+
+    <root>/leftImg8bit_IC1/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+
+It is loaded as (H, W, 1) uint8 and follows the image's geometry; the CMDA method maps it to
+[-1, 1].
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
+from ..io import read_grey
 from ..transforms import Sample
 from .base import Record, SegmentationDataset, report_missing, require_dir
 
 IMG_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
+VIEW_CHOICES = ("ic",)
 
 
 class Cityscapes(SegmentationDataset):
@@ -32,10 +44,14 @@ class Cityscapes(SegmentationDataset):
         root: str | Path,
         split: str = "train",
         labels: bool = True,
+        views: Sequence[str] = (),
         transform: Callable[[Sample], Sample] | None = None,
     ):
         self.root = Path(root)
         self.split = split
+        unknown = [v for v in views if v not in VIEW_CHOICES]
+        if unknown:
+            raise ValueError(f"cityscapes: unknown views {unknown}; choose from {VIEW_CHOICES}")
         img_dir = require_dir(
             self.root / "leftImg8bit" / split,
             f"cityscapes root {self.root}",
@@ -50,11 +66,22 @@ class Cityscapes(SegmentationDataset):
                 label = self.root / "gtFine" / split / img.parent.name / f"{stem}{LABEL_SUFFIX}"
                 if not label.is_file():
                     missing.append(f"{img} -> {label}")
-            records.append(Record(name=stem, image=img, label=label))
+            extra = {}
+            if "ic" in views:
+                extra["ic"] = self.root / "leftImg8bit_IC1" / split / img.parent.name / img.name
+                if not extra["ic"].is_file():
+                    missing.append(f"{img} -> {extra['ic']}")
+            records.append(Record(name=stem, image=img, label=label, views=extra))
         report_missing(
             missing,
-            f"cityscapes {split} images have no train-ID label",
+            f"cityscapes {split} images have no train-ID label (or no IC image)",
             "Extract gtFine_trainvaltest.zip and run `udaseg prepare cityscapes <root>` to write "
-            "the *_gtFine_labelTrainIds.png files.",
+            "the *_gtFine_labelTrainIds.png files (IC images: put CMDA's leftImg8bit_IC1 folder "
+            "into the root, or drop the view).",
         )
         super().__init__(records, transform)
+
+    def load_view(self, key: str, path: Path) -> np.ndarray:
+        if key == "ic":
+            return read_grey(path, "IC image")
+        return super().load_view(key, path)

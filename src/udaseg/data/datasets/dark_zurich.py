@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import DataError
+from ..io import DataError, read_grey
 from ..transforms import Sample
 from .base import Record, SegmentationDataset, report_missing, require_dir
 
@@ -237,33 +237,12 @@ def read_pairs_file(
 
 def read_depth(path: Path) -> np.ndarray:
     """An 8-bit single-channel depth PNG as (H, W, 1) uint8 (larger = nearer)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        if im.mode not in ("L", "RGB", "I;16", "I"):
-            raise DataError(f"depth map {path} has mode {im.mode!r}; expected an 8-bit grey PNG")
-        arr = np.array(im.convert("L"))
-    return arr[..., None]
+    return read_grey(path, "depth map", modes=("L", "RGB", "I;16", "I"))
 
 
 def read_invalid_mask(path: Path) -> np.ndarray:
     """An invalid-region mask (``*_gt_invGray.png``) as (H, W, 1) uint8, 255 = invalid."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("1", "L", "P"):
-                raise DataError(
-                    f"invalid mask {path} has mode {im.mode!r}; expected a grey PNG "
-                    "(*_gt_invGray.png from the ground-truth archive)"
-                )
-            arr = np.array(im.convert("L"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"invalid mask not found: {path}") from None
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-        raise DataError(
-            f"cannot read invalid mask {path}: {exc}. Re-extract it from the ground-truth archive."
-        ) from None
-    return arr[..., None]
+    return read_grey(
+        path, "invalid mask", modes=("1", "L", "P"),
+        fix="Use the *_gt_invGray.png file from the ground-truth archive.",
+    )
