@@ -56,19 +56,24 @@ class MixedBatch:
         label: (B, H, W) int64 labels (source labels where ``mask`` is 1, pseudo-labels elsewhere).
         weight: (B, H, W) float pixel weights.
         mask: (B, 1, H, W) float, 1 where the pixel comes from the source image.
+        aug_gates: the (colour jitter, blur) decisions of the strong augmentation applied to
+            ``image`` by the loop (set after augmentation), for views mixed the same way (CISS).
     """
 
     image: Tensor
     label: Tensor
     weight: Tensor
     mask: Tensor
+    aug_gates: tuple[bool, bool] | None = None
 
 
 @dataclass
 class StepContext:
     """Everything a hook may read in one iteration; filled in as the step proceeds.
 
-    ``losses`` collects the detached value of every term under its log name.
+    ``losses`` collects the detached value of every term under its log name. ``outputs`` caches
+    extra student passes by name (:meth:`student_forward`), so that two hooks needing the same
+    view (e.g. CISS invariance and FD on the stylised source) share one forward pass.
     """
 
     step: int
@@ -81,10 +86,21 @@ class StepContext:
     mixed: MixedBatch | None = None
     mixed_out: SegOutput | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
+    outputs: dict[str, SegOutput] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
         return self.source["image"].device
+
+    def student_forward(self, name: str, image: Tensor) -> SegOutput:
+        """The student's output on ``image``, computed once per stage under ``name``
+        (e.g. ``"source/stylized"``); ``"source/image"`` is the supervised pass itself. The cache
+        is cleared after the source-stage backward (the graphs are freed there)."""
+        if name == "source/image" and self.source_out is not None:
+            return self.source_out
+        if name not in self.outputs:
+            self.outputs[name] = self.student(image)
+        return self.outputs[name]
 
 
 @runtime_checkable

@@ -392,12 +392,15 @@ def strong_augment(
     generator: torch.Generator | None = None,
     jitter_gate: bool | None = None,
     blur_gate: bool | None = None,
-) -> Tensor:
+    return_gates: bool = False,
+) -> Tensor | tuple[Tensor, tuple[bool, bool]]:
     """DACS colour jitter + Gaussian blur of normalised (B, 3, H, W) images (module docstring).
 
     Both gates are always drawn (so the random stream does not depend on the overrides);
     ``jitter_gate`` / ``blur_gate`` = True/False force them (``blur_gate=True`` blurs even when
     ``cfg.blur`` is False). With both gates off the input tensor is returned unchanged.
+    ``return_gates=True`` also returns the (jitter, blur) decisions taken, so that a second view
+    can be augmented with the same decisions and fresh parameters (CISS).
     Random draws, in order: u_cj, u_blur, then (jitter) brightness, contrast, saturation, hue
     factors (B,) and the op order, then (blur) sigma.
     """
@@ -407,7 +410,7 @@ def strong_augment(
     do_jitter = (u_cj > cfg.color_jitter_probability) if jitter_gate is None else bool(jitter_gate)
     do_blur = (cfg.blur and u_blur > 0.5) if blur_gate is None else bool(blur_gate)
     if not (do_jitter or do_blur):
-        return images
+        return (images, (False, False)) if return_gates else images
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"strong_augment: expected (B, 3, H, W) images, got {tuple(images.shape)}")
     x = images.float()
@@ -435,4 +438,5 @@ def strong_augment(
     if do_blur:
         sigma = _uniform((b,) if cfg.sigma_per_image else (1,), generator, dev, 0.15, 1.15)
         x = gaussian_blur(x, sigma)
-    return x.to(images.dtype)
+    out = x.to(images.dtype)
+    return (out, (bool(do_jitter), bool(do_blur))) if return_gates else out

@@ -151,6 +151,7 @@ class SelfTraining(nn.Module):
         ctx.losses["src"] = loss.detach()
         aux = self._aux(ctx, "source")
         backward(loss if aux is None else loss + aux)
+        ctx.outputs.clear()  # their graphs are freed by the backward; do not keep the memory
         if not adapt:
             return ctx.losses
 
@@ -174,7 +175,7 @@ class SelfTraining(nn.Module):
 
         # (3) mixing and strong augmentation, then the mixed pass (+ target-stage aux losses)
         mixed = self.mixer(ctx, pseudo)
-        mixed.image = strong_augment(mixed.image, self.aug_cfg)
+        mixed.image, mixed.aug_gates = strong_augment(mixed.image, self.aug_cfg, return_gates=True)
         ctx.mixed = mixed
         ctx.mixed_out = student(mixed.image)
         loss = self.seg_loss(ctx.mixed_out, mixed.label, mixed.weight)
