@@ -1,6 +1,6 @@
 """Image-to-event index and split lists of DSEC Night-Semantic (spec section 2.3).
 
-``udaseg prepare dsec <root>`` runs :func:`prepare_dsec`, which writes per sequence
+``udaseg prepare dsec_night <root>`` runs :func:`prepare_dsec`, which writes per sequence
 ``<seq>/images/images_to_events_index.txt`` (one event index per line of ``images/timestamps.txt``)
 and at the root the lists ``night_dataset_warp.txt`` (train) and ``night_test_dataset_warp.txt``
 (test), each line ``<seq>/images/left/rectified/NNNNNN.png <event index>`` with the path relative
@@ -57,7 +57,7 @@ TRAIN_CUTOFFS: dict[str, int] = {
 CUTOFF_MARGIN = 13
 """Default cut-off for sequences not in :data:`TRAIN_CUTOFFS`: last labelled frame - 13."""
 
-PREPARE_FIX = "Run `udaseg prepare dsec {root}` to build the index files and split lists."
+PREPARE_FIX = "Run `udaseg prepare dsec_night {root}` to build the index files and split lists."
 
 _FRAME_RE = re.compile(r"^(\d+)\.png$")
 
@@ -301,7 +301,7 @@ class PrepareReport:
 def prepare_dsec(
     root: str | Path, force: bool = False, log: Callable[[str], None] | None = None
 ) -> PrepareReport:
-    """Build every sequence's index file, then both split lists (``udaseg prepare dsec``).
+    """Build every sequence's index file, then both split lists (``udaseg prepare dsec_night``).
 
     Args:
         root: the DSEC Night-Semantic root holding ``zurich_city_09_*``.

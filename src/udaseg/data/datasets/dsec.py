@@ -2,11 +2,11 @@
 
 ::
 
-    <root>/night_dataset_warp.txt, night_test_dataset_warp.txt      (udaseg prepare dsec <root>)
+    <root>/night_dataset_warp.txt, night_test_dataset_warp.txt      (udaseg prepare dsec_night <root>)
     <root>/zurich_city_09_x/events/left/events.h5                    (DSEC events, distorted)
     <root>/zurich_city_09_x/events/left/rectify_map.h5               (distorted -> rectified)
     <root>/zurich_city_09_x/images/timestamps.txt                    (µs, one per frame)
-    <root>/zurich_city_09_x/images/images_to_events_index.txt        (udaseg prepare dsec <root>)
+    <root>/zurich_city_09_x/images/images_to_events_index.txt        (udaseg prepare dsec_night <root>)
     <root>/zurich_city_09_x/warp_images/NNNNNN.png                   (RGB in the event frame)
     <root>/zurich_city_09_x/labels/zurich_city_09_x_NNNNNN_grey_gtFine_labelTrainIds.png
 
