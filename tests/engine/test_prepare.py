@@ -40,7 +40,9 @@ def test_cityscapes_prepare_converts_writes_stats_and_is_idempotent(tmp_path):
     res = prepare_dataset("cityscapes", root, **quiet())
     assert res.check.ok, res.check.format()
     counts = {s.split: (s.images, s.labels) for s in res.check.splits}
-    assert counts == {"train": (2, 2), "val": (1, 1)}
+    assert counts == {"train": (2, 2), "val": (1, 1), "test": (0, 0)}
+    # the server-scored test split was not downloaded: a note, not a problem
+    assert "not present (optional)" in res.check.splits[2].notes[0]
     from PIL import Image
 
     lab = np.array(Image.open(root / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png"))
@@ -61,7 +63,7 @@ def test_check_only_writes_nothing_and_reports_missing_labels(tmp_path):
     assert sorted(root.rglob("*")) == before
     assert not res.check.ok
     assert "have no train-ID label" in res.check.format() and "udaseg prepare" in res.check.format()
-    assert {s.split: s.images for s in res.check.splits} == {"train": 2, "val": 1}
+    assert {s.split: s.images for s in res.check.splits} == {"train": 2, "val": 1, "test": 0}
 
 
 def test_check_lists_every_problem_of_a_broken_copy(tmp_path):

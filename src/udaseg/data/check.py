@@ -105,13 +105,23 @@ def check_split(
     workers: int = 8,
     progress: bool = True,
     label_check: Callable | None = None,
+    optional: bool = False,
 ) -> SplitReport:
-    """Check one split; ``build(split=..., labels=...)`` constructs the dataset."""
+    """Check one split; ``build(split=..., labels=...)`` constructs the dataset.
+
+    An ``optional`` split whose folder does not exist (e.g. a test split not downloaded) is a
+    note, not a problem.
+    """
     report = SplitReport(split)
     try:
         with collect_missing() as missing:
             ds = build(split=split, labels=labelled)
-    except (DataError, FileNotFoundError, ValueError) as exc:
+    except FileNotFoundError as exc:
+        (report.notes if optional else report.problems).append(
+            f"not present (optional): {exc}" if optional else str(exc)
+        )
+        return report
+    except (DataError, ValueError) as exc:
         report.problems.append(str(exc))
         return report
     report.problems += missing
@@ -135,6 +145,7 @@ def check_dataset(
     workers: int = 8,
     progress: bool = True,
     label_check: Callable | None = None,
+    optional: Sequence[str] = (),
 ) -> CheckReport:
     """Check every split of a dataset.
 
@@ -146,11 +157,13 @@ def check_dataset(
         label_check: optional ``f(label_path, image_hw) -> note | None`` replacing the default
             :func:`udaseg.data.io.read_label` validation (e.g. GTA's tolerated size mismatches);
             it raises DataError for a problem.
+        optional: splits that may be absent (reported as a note then).
     """
     report = CheckReport(name, Path(root))
     for split, labelled in splits.items():
         report.splits.append(
-            check_split(build, split, labelled, workers=workers, progress=progress, label_check=label_check)
+            check_split(build, split, labelled, workers=workers, progress=progress,
+                        label_check=label_check, optional=split in optional)
         )
     return report
 

@@ -49,6 +49,8 @@ class Preparation:
     """Replaces the default label validation of the check (see :func:`check_dataset`)."""
     options: dict = field(default_factory=dict)
     """Dataset constructor options used by the check."""
+    optional: tuple[str, ...] = ()
+    """Splits a user may not have downloaded (server-scored test splits)."""
 
 
 def _dsec_index(root: Path, force: bool):
@@ -71,12 +73,13 @@ def _gta_label_check(label_path: Path, image_hw: tuple[int, int]) -> str | None:
 
 
 PREPARATIONS: dict[str, Preparation] = {
-    "cityscapes": Preparation({"train": True, "val": True}, convert=True, rcs_split="train"),
+    "cityscapes": Preparation({"train": True, "val": True, "test": False}, convert=True,
+                              rcs_split="train", optional=("test",)),
     "gta": Preparation({"train": True}, convert=True, rcs_split="train", label_check=_gta_label_check),
     "synthia": Preparation({"train": True}, convert=True, rcs_split="train"),
     "dsec_night": Preparation({"train": False, "test": True}, index=_dsec_index),
-    "dark_zurich": Preparation({"train": False, "val": True, "test": False}),
-    "acdc": Preparation({"train": True, "val": True, "test": False}),
+    "dark_zurich": Preparation({"train": False, "val": True, "test": False}, optional=("test",)),
+    "acdc": Preparation({"train": True, "val": True, "test": False}, optional=("test",)),
     "nighttime_driving": Preparation({"test": True}),
     "bdd100k_night": Preparation({"test": True}),
 }
@@ -153,7 +156,7 @@ def prepare_dataset(
     wanted = prep.splits if splits is None else {s: prep.splits.get(s, True) for s in splits}
     report = check_dataset(
         name, root, wanted, build, workers=workers or 8, progress=progress,
-        label_check=prep.label_check,
+        label_check=prep.label_check, optional=prep.optional,
     )
     if conversion is not None and conversion.failed:
         report.splits[0].problems.insert(0, conversion.failure_report())
