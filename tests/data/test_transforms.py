@@ -70,3 +70,37 @@ def test_pl_crop_v2_view_follows_the_geometry_and_pads_invalid():
     expected[:10] = pl_crop_v2_mask(10, 20, 1, 2, 3, 4).flip(-1)  # flipped, then padded with 0
     assert torch.equal(out["valid_pseudo"], expected)
     assert out["valid_pseudo"][1:8, 4:17].eq(1).all() and out["label"][10:].eq(255).all()
+
+
+def test_center_crop_offsets_and_views():
+    from udaseg.data.transforms import CenterCrop
+
+    s = sample(20, 40)
+    s["stylized"] = s["image"] + 1
+    full = sample(20, 40)
+    out = CenterCrop((11, 30))(s)  # top = floor(9 / 2) = 4, left = 5
+    assert torch.equal(out["image"], full["image"][:, 4:15, 5:35])
+    assert torch.equal(out["label"], full["label"][4:15, 5:35])
+    assert torch.equal(out["stylized"], full["image"][:, 4:15, 5:35] + 1)
+    assert CenterCrop((50, 50))(sample(20, 40))["image"].shape == (3, 20, 40)  # at most the image
+
+
+def test_normalize_covers_the_stylized_view_and_train_stages_compose_to_train():
+    from udaseg.data.transforms import Compose, PipelineConfig
+
+    s = sample()
+    s["stylized"] = s["image"].clone()
+    out = Normalize()(s)
+    assert torch.equal(out["stylized"], out["image"])
+    cfg = PipelineConfig(scale=(40, 20), crop_size=(8, 16), cat_max_ratio=0.75,
+                         pseudo_label_crop=(1, 1, 1, 1))
+    before, after = cfg.train_stages()
+    assert [type(t).__name__ for t in before.transforms] == ["AddPseudoLabelCrop", "Resize"]
+    names = [type(t).__name__ for t in after.transforms]
+    assert names == ["RandomCrop", "RandomFlip", "Normalize", "Pad"]
+    assert repr(cfg.train()) == repr(Compose([*before.transforms, *after.transforms]))
+    torch.manual_seed(1)
+    a = cfg.train()(sample())
+    torch.manual_seed(1)
+    b = after(before(sample()))
+    assert all(torch.equal(a[k], b[k]) for k in ("image", "label", "valid_pseudo", "crop_box"))

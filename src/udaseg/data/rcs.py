@@ -68,7 +68,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
@@ -489,19 +489,27 @@ class RareClassDataset(Dataset):
         thr = self.config.min_pixels * self.config.min_crop_ratio
         return int((sample["label"] == c).sum()) > thr
 
+    def transform_with_retries(
+        self, loaded: Sample, c: int, transform: Callable[[Sample], Sample] | None
+    ) -> Sample:
+        """Run ``transform`` (random crop, ...) on a shallow copy of ``loaded``; while the result
+        holds <= ``min_pixels * min_crop_ratio`` pixels of class ``c``, re-run it on a fresh copy,
+        at most ``max_crop_tries`` times, and keep the last result. ``transform=None`` returns
+        ``loaded`` itself. Used by ``__getitem__`` (the source's own transform) and by
+        :class:`udaseg.data.paired.PairedDataset` (the part of the pipeline after stylisation)."""
+        if transform is None:
+            return loaded
+        sample = transform(dict(loaded))
+        if self.config.min_crop_ratio > 0:
+            for _ in range(self.config.max_crop_tries):
+                if self._enough(sample, c):
+                    break
+                sample = transform(dict(loaded))
+        return sample
+
     def __getitem__(self, idx: int) -> Sample:
         c, i = self.draw()
-        loaded = self.source.load(i)
-        transform = self.source.transform
-        if transform is None:
-            sample = loaded
-        else:
-            sample = transform(dict(loaded))
-            if self.config.min_crop_ratio > 0:
-                for _ in range(self.config.max_crop_tries):
-                    if self._enough(sample, c):
-                        break
-                    sample = transform(dict(loaded))
+        sample = self.transform_with_retries(self.source.load(i), c, self.source.transform)
         sample["rcs_class"] = torch.tensor(c, dtype=torch.int64)
         return sample
 

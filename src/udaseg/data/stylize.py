@@ -18,13 +18,15 @@ FDA (content A, style B, both H x W; per channel c, 2-D FFT over (H, W))::
     |F'|(u, v) = |F_B|(u, v) if (u, v) in S else |F_A|(u, v)            (hard swap, no blending)
     out_c = Re( IFFT2( |F'| * exp(i * angle(F_A)) ) )                   (no clipping)
 
-Centre convention: ``fftshift`` moves frequency 0 to index floor(n/2) for even AND odd n (it rolls by
-n // 2), so the (2b+1) x (2b+1) square around (floor(H/2), floor(W/2)) of the shifted spectrum is
+Centre convention: ``fftshift`` moves frequency 0 to index floor(n/2) for even AND odd n (it rolls
+by n // 2), so the (2b+1) x (2b+1) square around (floor(H/2), floor(W/2)) of the shifted spectrum is
 exactly the set of signed frequencies {-b..b} x {-b..b}; it is symmetric about the DC term, so
 the swap keeps the Hermitian symmetry of a real image's spectrum (the imaginary part of the
 inverse FFT is round-off only). For an even n the Nyquist frequency -n/2 sits at shifted index 0
-and is never in the square (b < n/2). We build the mask on the unshifted spectrum from these
-signed frequencies instead of shifting back and forth (same result). ``beta`` must lie in
+and is never in the square (b < n/2). We index the square on the unshifted spectrum by these
+signed frequencies instead of shifting back and forth (same result), and work on the ``rfft2``
+half spectrum (columns 0..W//2): the square's columns 0..b are there, its negative columns are
+their conjugates, and ``irfft2`` of the Hermitian result equals Re(IFFT2(.)). ``beta`` must lie in
 [0, 0.5) so that the square fits (2b + 1 <= min(H, W)); beta = 0 swaps only the DC term (the
 per-channel mean).
 
@@ -34,7 +36,7 @@ Reinhard (content A, style B, sizes may differ; per image)::
                                    [0.1967, 0.7244, 0.0782],
                                    [0.0241, 0.1288, 0.8444]],   LMS == 0 -> eps
     lab   = diag(1/sqrt3, 1/sqrt6, 1/sqrt2) @ [[1, 1, 1], [1, 1, -2], [1, -1, 0]] @ ln(LMS)
-    out_k = (lab_A,k - mu_A,k) * sigma_B,k / sigma_A,k + mu_B,k      (k = l, alpha, beta; all pixels)
+    out_k = (lab_A,k - mu_A,k) * sigma_B,k / sigma_A,k + mu_B,k    (k = l, alpha, beta; all pixels)
     RGB   = clip(M_lms^-1 @ (exp(M_lab^-1 @ out) with values == eps -> 0), 0, 255)
 
 mu / sigma are the mean and population standard deviation (ddof = 0) over all pixels of one
@@ -43,15 +45,21 @@ eps = float64 machine epsilon (2.2e-16, so an exact-black pixel has ln(LMS) = -3
 is cast back to the content's dtype. A constant channel of the content (sigma_A = 0) maps to
 mu_B (ratio taken as 0 instead of dividing by zero).
 
-Defaults (final CISS, spec 1.12): FDA, beta = 0.01, both directions, common size (1024, 1920):
-``source.stylized = FDA(content = source, style = target)`` ("source in target style"),
-``target.stylized = FDA(content = target, style = source)``; both from the ORIGINAL images.
+Defaults (:class:`StylizeConfig`): FDA, beta = 0.01, both directions; the final CISS configs
+(spec 1.12) add ``common_size = (1024, 1920)``. ``source.stylized = FDA(content = source,
+style = target)`` ("source in target style"), ``target.stylized = FDA(content = target,
+style = source)``; both from the ORIGINAL images (neither direction sees the other's output).
 
 Reference quirks deliberately NOT replicated (spec 1.5 / 1.14):
 
 * Reinhard: the reference applies the RGB-defined matrices to mmcv's BGR arrays; we apply them to
   RGB as the formula intends. It also prints shapes and timings on every call; we do not.
-* FDA runs here in ``torch.fft`` (CPU workers or GPU); the reference uses numpy on CPU. Same maths.
+* FDA runs here in ``torch.fft`` (CPU workers or GPU); the reference uses numpy on CPU. Same maths
+  (FDA treats the channels independently, so the reference's BGR order does not matter there).
+
+Choices where the spec is silent: the Reinhard eps (float64 machine epsilon, see above) and the
+sigma_A = 0 guard. The reference's FDA output is not clipped and neither is ours; out-of-range
+values go through Normalize as they are.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ __all__ = [
     "center_crop_size",
     "fda",
     "fda_half_width",
+    "fda_pair",
     "reinhard",
     "stylize_pair",
 ]
@@ -88,25 +97,54 @@ def _lms_to_lab() -> torch.Tensor:
 
 def _check_image(x: torch.Tensor, name: str) -> None:
     if x.ndim not in (3, 4) or x.shape[-3] != 3:
-        raise ValueError(f"{name}: expected a (3, H, W) or (B, 3, H, W) RGB tensor, got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected a (3, H, W) or (B, 3, H, W) RGB tensor, got {tuple(x.shape)}"
+        )
 
 
 def fda_half_width(h: int, w: int, beta: float) -> int:
     """b = floor(min(H, W) * beta): half-width of the swapped (2b+1) x (2b+1) amplitude square."""
     if not (0.0 <= beta < 0.5):
-        raise ValueError(f"FDA beta must be in [0, 0.5) so the square fits the spectrum, got {beta}")
-    return int(math.floor(min(h, w) * beta))
+        raise ValueError(f"FDA beta must be in [0, 0.5) so the square fits the spectrum: {beta}")
+    return math.floor(min(h, w) * beta)
 
 
-def _low_freq_mask(h: int, w: int, b: int, device) -> torch.Tensor:
-    """(H, W) bool mask over the UNshifted spectrum: signed frequencies in [-b, b] on both axes."""
+def _square_index(h: int, w: int, b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns of the swapped square in an UNshifted ``rfft2`` half spectrum.
 
-    def axis(n: int) -> torch.Tensor:
-        k = torch.arange(n, device=device)
-        shifted = (k + n // 2) % n  # fftshift position of frequency index k
-        return (shifted - n // 2).abs() <= b
+    Rows: the signed frequencies -b..b mod H (2b + 1 rows); columns: 0..b (the half spectrum
+    holds the non-negative column frequencies; the negative ones are their complex conjugates).
+    """
+    rows = torch.arange(-b, b + 1, device=device) % h
+    cols = torch.arange(0, b + 1, device=device)
+    return rows, cols
 
-    return axis(h)[:, None] & axis(w)[None, :]
+
+def _fda_dtype(x: torch.Tensor) -> torch.dtype:
+    # float64 stays float64; everything else (uint8, half: no CPU fft) computes in float32
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_pair(content: torch.Tensor, style: torch.Tensor) -> None:
+    _check_image(content, "fda content")
+    _check_image(style, "fda style")
+    if content.shape[-2:] != style.shape[-2:]:
+        raise ValueError(
+            f"fda: content {tuple(content.shape[-2:])} and style {tuple(style.shape[-2:])} must "
+            "have the same H x W (central-crop both to one size first: StylizeConfig.common_size)"
+        )
+
+
+def _fda_spectra(f_c: torch.Tensor, f_s: torch.Tensor, hw: tuple[int, int], b: int) -> torch.Tensor:
+    """FDA from the two ``rfft2`` half spectra: swap the amplitude in the square, invert."""
+    rows, cols = _square_index(*hw, b, f_c.device)
+    sub_c = f_c[..., rows, :][..., cols]
+    sub_s = f_s[..., rows, :][..., cols]
+    swapped = torch.polar(sub_s.abs(), sub_c.angle())  # style amplitude, content phase
+    shape = torch.broadcast_shapes(f_c.shape, f_s.shape)
+    spec = f_c.expand(shape).clone()  # outside the square: F_A = |F_A| exp(i angle F_A) itself
+    spec[..., rows[:, None], cols[None, :]] = swapped.expand(*shape[:-2], *swapped.shape[-2:])
+    return torch.fft.irfft2(spec, s=hw).contiguous()
 
 
 def fda(content: torch.Tensor, style: torch.Tensor, beta: float = 0.01) -> torch.Tensor:
@@ -118,31 +156,39 @@ def fda(content: torch.Tensor, style: torch.Tensor, beta: float = 0.01) -> torch
         beta: bandwidth; b = floor(min(H, W) * beta).
 
     Returns:
-        float tensor shaped like ``content`` (broadcast with ``style``), NOT clipped.
+        float tensor shaped like ``content`` (broadcast with ``style``), NOT clipped; float64 for
+        float64 input, float32 otherwise.
+
+    Computed on the half spectrum (``rfft2`` / ``irfft2``): the swapped square is symmetric about
+    the DC term, so the modified spectrum stays Hermitian and ``irfft2`` equals the real part of
+    the full inverse FFT (what the reference keeps), at half the cost.
     """
-    _check_image(content, "fda content")
-    _check_image(style, "fda style")
-    if content.shape[-2:] != style.shape[-2:]:
-        raise ValueError(
-            f"fda: content {tuple(content.shape[-2:])} and style {tuple(style.shape[-2:])} must have "
-            "the same H x W (central-crop both to a common size first, StylizeConfig.common_size)"
-        )
-    h, w = content.shape[-2:]
-    b = fda_half_width(h, w, beta)
-    dtype = content.dtype if content.is_floating_point() else torch.float32
-    if dtype not in (torch.float32, torch.float64):
-        dtype = torch.float32  # fft has no half support on CPU
-    f_c = torch.fft.fft2(content.to(dtype))
-    f_s = torch.fft.fft2(style.to(device=content.device, dtype=dtype))
-    mask = _low_freq_mask(h, w, b, content.device)
-    swapped = torch.polar(f_s.abs(), f_c.angle())  # style amplitude, content phase
-    spec = torch.where(mask, swapped, f_c)  # outside the square F_A itself (= |F_A| e^{i angle F_A})
-    return torch.fft.ifft2(spec).real.contiguous()
+    _check_pair(content, style)
+    hw = (int(content.shape[-2]), int(content.shape[-1]))
+    b = fda_half_width(*hw, beta)
+    dtype = _fda_dtype(content)
+    f_c = torch.fft.rfft2(content.to(dtype))
+    f_s = torch.fft.rfft2(style.to(device=content.device, dtype=dtype))
+    return _fda_spectra(f_c, f_s, hw, b)
+
+
+def fda_pair(
+    a: torch.Tensor, b_img: torch.Tensor, beta: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fda(a, b_img), fda(b_img, a))`` with one FFT per image (both directions of CISS)."""
+    _check_pair(a, b_img)
+    hw = (int(a.shape[-2]), int(a.shape[-1]))
+    b = fda_half_width(*hw, beta)
+    dtype = _fda_dtype(a)
+    f_a = torch.fft.rfft2(a.to(dtype))
+    f_b = torch.fft.rfft2(b_img.to(device=a.device, dtype=dtype))
+    return _fda_spectra(f_a, f_b, hw, b), _fda_spectra(f_b, f_a, hw, b)
 
 
 def _lab_stats(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = lab.flatten(-2)
-    return flat.mean(-1, keepdim=True)[..., None], flat.std(-1, correction=0, keepdim=True)[..., None]
+    mean = flat.mean(-1, keepdim=True)[..., None]
+    return mean, flat.std(-1, correction=0, keepdim=True)[..., None]
 
 
 def _rgb_to_lab(rgb: torch.Tensor, eps: float) -> torch.Tensor:
@@ -243,6 +289,8 @@ def stylize_pair(
 
     Both computed from the given (original) images; for FDA they must have the same H x W.
     """
+    if cfg.method == "fda" and cfg.stylize_source and cfg.stylize_target:
+        return fda_pair(source_img, target_img, cfg.beta)  # shares the two FFTs
     if cfg.method == "fda":
         def fn(a, b):
             return fda(a, b, cfg.beta)

@@ -13,7 +13,9 @@ random numbers once and applies them to every view, so a reference image, a dept
 event tensor stays aligned with the image (what later methods rely on).
 
 The pipeline follows mmseg-0.16 as used by DAFormer (spec section 4.4): Resize (keep ratio)
--> RandomCrop (with ``cat_max_ratio``) -> RandomFlip -> Normalize -> Pad.
+-> RandomCrop (with ``cat_max_ratio``) -> RandomFlip -> Normalize -> Pad. CISS inserts a
+:class:`CenterCrop` and the stylisation (view ``stylized``) after Resize, see
+:meth:`PipelineConfig.train_stages` and :mod:`udaseg.data.paired`.
 Randomness comes from torch's global generator, which Lightning seeds per worker.
 """
 
@@ -150,6 +152,26 @@ class RandomCrop:
 
 
 @dataclass
+class CenterCrop:
+    """Central crop of every spatial view to ``size`` = (H, W) (each axis at most the image's).
+
+    top = floor((H - h) / 2), left = floor((W - w) / 2) (CISS crops 1024x2048 Cityscapes and
+    1080x1920 ACDC/Dark Zurich to 1024x1920 so the two FDA spectra have the same size).
+    """
+
+    size: tuple[int, int]
+
+    def __call__(self, sample: Sample) -> Sample:
+        h, w = _hw(sample)
+        ch, cw = min(int(self.size[0]), h), min(int(self.size[1]), w)
+        top, left = (h - ch) // 2, (w - cw) // 2
+        if (ch, cw) != (h, w):
+            for k in _spatial_keys(sample):
+                sample[k] = sample[k][..., top : top + ch, left : left + cw]
+        return sample
+
+
+@dataclass
 class RandomFlip:
     """Horizontal flip with probability ``p`` of every spatial view."""
 
@@ -166,11 +188,14 @@ class RandomFlip:
 
 @dataclass
 class Normalize:
-    """(x - mean) / std per channel on the image-like views listed in ``keys``."""
+    """(x - mean) / std per channel on the image-like views listed in ``keys``.
+
+    ``stylized`` (CISS, :mod:`udaseg.data.stylize`) is normalised exactly like ``image``.
+    """
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    keys: tuple[str, ...] = ("image", "ref")
+    keys: tuple[str, ...] = ("image", "ref", "stylized")
 
     def __call__(self, sample: Sample) -> Sample:
         mean = torch.tensor(self.mean).view(-1, 1, 1)
@@ -253,17 +278,24 @@ class PipelineConfig:
     HRDA/MIC use (30, 240, 30, 30) when the target is Cityscapes, nothing for ACDC/Dark Zurich."""
 
     def train(self) -> Compose:
+        before, after = self.train_stages()
+        return Compose([*before.transforms, *after.transforms])
+
+    def train_stages(self) -> tuple[Compose, Compose]:
+        """The train pipeline split where stylisation goes (CISS, spec 1.3):
+        ``before`` = [PL-crop mask,] Resize (un-normalised 0..255 images);
+        ``after`` = RandomCrop -> RandomFlip -> Normalize -> Pad. ``train()`` is both in order."""
         first = [AddPseudoLabelCrop(tuple(self.pseudo_label_crop))] if self.pseudo_label_crop else []
-        return Compose(
+        before = Compose([*first, Resize(self.scale)])
+        after = Compose(
             [
-                *first,
-                Resize(self.scale),
                 RandomCrop(self.crop_size, cat_max_ratio=self.cat_max_ratio),
                 RandomFlip(self.flip_prob),
                 Normalize(self.mean, self.std),
                 Pad(self.crop_size),
             ]
         )
+        return before, after
 
     def test(self) -> Compose:
         """Resize the image views only; labels stay at full resolution for scoring."""

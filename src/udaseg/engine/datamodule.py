@@ -1,7 +1,9 @@
 """UDADataModule: source (labelled), optional target (unlabelled) and named validation splits.
 
 Training batches are dicts ``{"source": batch}`` or ``{"source": batch, "target": batch}``;
-every batch is a dict of stacked sample entries (see :mod:`udaseg.data.transforms`).
+every batch is a dict of stacked sample entries (see :mod:`udaseg.data.transforms`). With
+``stylize`` set (CISS) both domains come from one loader over
+:class:`~udaseg.data.paired.PairedDataset` and each batch also holds ``stylized`` views.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from ..catalog import DATASETS, resolve
 from ..data.rcs import RCSConfig
+from ..data.stylize import StylizeConfig
 from ..data.synthnight import SynthNightConfig
 from ..data.transforms import PipelineConfig
 
@@ -74,6 +77,10 @@ class UDADataModule(L.LightningDataModule):
             labels, with the target's test pipeline (the source's for a source-dataset split),
             one image per batch since test images may differ in size. Predictions come back at
             each image's original size (see ``UDAModule.predict_step``).
+        stylize: CISS stylised views (e.g. ``{method: fda, beta: 0.01, common_size: [1024, 1920]}``).
+            With a target, training uses ONE loader over source/target pairs
+            (:class:`~udaseg.data.paired.PairedDataset`): each domain's batch gains ``stylized``
+            (normalised like ``image``, same crop and flip); RCS, if set, draws the source.
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class UDADataModule(L.LightningDataModule):
         rcs: RCSConfig | None = None,
         seed: int = 0,
         predict: DatasetSpec | None = None,
+        stylize: StylizeConfig | None = None,
     ):
         super().__init__()
         self.source_spec = source
@@ -107,6 +115,9 @@ class UDADataModule(L.LightningDataModule):
         self.seed = seed
         self.predict_spec = dataclasses.replace(predict, labels=False) if predict is not None else None
         self.predict_set = None
+        self.stylize = stylize
+        self.train_set = None
+        """The paired dataset when ``stylize`` is set and there is a target, else None."""
 
     @property
     def val_names(self) -> list[str]:
@@ -119,7 +130,9 @@ class UDADataModule(L.LightningDataModule):
             generate(Path(self.synthnight_root), self.synthnight)
 
     def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
+        if stage in (None, "fit") and self._paired():
+            self._setup_paired()
+        elif stage in (None, "fit"):
             self.source_set = self.source_spec.build(self.source_pipeline.train())
             if self.rcs is not None:
                 from ..data.rcs import RareClassDataset
@@ -139,6 +152,36 @@ class UDADataModule(L.LightningDataModule):
         for name, spec in self.val_specs.items():
             self.val_sets[name] = spec.build(self._eval_pipeline(spec).test())
 
+    def _paired(self) -> bool:
+        if self.stylize is not None and self.target_spec is None:
+            import warnings
+
+            warnings.warn(
+                "data.stylize is set but there is no data.target: nothing to stylise towards, "
+                "training batches carry no 'stylized' view.",
+                stacklevel=2,
+            )
+        return self.stylize is not None and self.target_spec is not None
+
+    def _setup_paired(self) -> None:
+        """Source and target without transforms; the PairedDataset runs both pipelines."""
+        from ..data.paired import PairedDataset
+
+        source = self.source_spec.build(None)
+        rcs = None
+        if self.rcs is not None:
+            from ..data.rcs import RareClassDataset
+
+            rcs = RareClassDataset(source, config=self.rcs, seed=self.seed)
+        self.source_set = rcs if rcs is not None else source
+        self.target_set = self.target_spec.build(None)
+        self.train_set = PairedDataset(
+            source, self.target_set, self.stylize, self.source_pipeline, self.target_pipeline,
+            rcs=rcs, seed=self.seed,
+        )
+        # distinct RCS and target streams per rank
+        self.train_set.seed_worker(0, rank=self._rank(), base_seed=self.seed)
+
     def _eval_pipeline(self, spec: DatasetSpec) -> PipelineConfig:
         """The target's pipeline, or the source's for a split of the source dataset."""
         return self.target_pipeline if spec.name != self.source_spec.name else self.source_pipeline
@@ -147,7 +190,14 @@ class UDADataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def state_dict(self) -> dict:
-        """Saved in every checkpoint: the RCS class/file stream (exact with ``num_workers=0``)."""
+        """Saved in every checkpoint: the RCS class/file stream (exact with ``num_workers=0``);
+        with ``stylize`` and RCS also the paired dataset's target stream (``paired_target``)."""
+        paired = getattr(self, "train_set", None)
+        if paired is not None:
+            state = paired.state_dict()
+            if "rcs" not in state:
+                return {}  # index pairing: nothing random outside torch
+            return {"rcs": state["rcs"], "paired_target": state["target"]}
         source = getattr(self, "source_set", None)
         if source is not None and hasattr(source, "state_dict"):
             return {"rcs": source.state_dict()}
@@ -160,6 +210,8 @@ class UDADataModule(L.LightningDataModule):
         state = getattr(self, "_pending_state", None)
         if state and "rcs" in state and hasattr(self.source_set, "load_state_dict"):
             self.source_set.load_state_dict(state["rcs"])
+        if state and "paired_target" in state and self.train_set is not None:
+            self.train_set.load_state_dict({"target": state["paired_target"]})
         self._pending_state = None
 
     def _train_loader(self, ds) -> DataLoader:
@@ -179,6 +231,8 @@ class UDADataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         self._restore()
+        if self.train_set is not None:  # stylize: one loader, items {"source": .., "target": ..}
+            return self._train_loader(self.train_set)
         loaders = {"source": self._train_loader(self.source_set)}
         if self.target_set is not None:
             loaders["target"] = self._train_loader(self.target_set)
