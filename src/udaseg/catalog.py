@@ -38,6 +38,7 @@ def resolve(table: dict[str, str], name: str, what: str):
 METHODS: dict[str, str] = {
     "fd": "udaseg.catalog:_build_fd",
     "mic": "udaseg.catalog:_build_mic",
+    "ciss": "udaseg.catalog:_build_ciss",
 }
 
 
@@ -68,6 +69,28 @@ def _build_mic(settings: dict, student) -> list:
 
     cfg = config_from_dict(MICConfig, settings, "model.methods.mic")
     return [MaskedImageConsistency(cfg)]
+
+
+def _build_ciss(settings: dict, student) -> list:
+    from .adapt.methods.ciss import (
+        CISSConfig,
+        CISSSourceTerms,
+        CISSTargetTerms,
+        InvarianceSettings,
+        build_ciss_hooks,
+    )
+
+    where = "model.methods.ciss"
+    settings = dict(settings)
+    for key, cls in (("source", CISSSourceTerms), ("target", CISSTargetTerms),
+                     ("invariance", InvarianceSettings)):
+        if key in settings and not isinstance(settings[key], cls):
+            settings[key] = config_from_dict(cls, dict(settings[key] or {}), f"{where}.{key}")
+    cfg = config_from_dict(CISSConfig, settings, where)
+    # the loop's HRDA detail-crop CE weight, needed to compensate the loop's CE terms exactly
+    detail_weight = float(getattr(getattr(student, "cfg", None), "detail_loss_weight", 0.1))
+    num_classes = int(getattr(student, "num_classes", 19))
+    return build_ciss_hooks(cfg, detail_weight=detail_weight, num_classes=num_classes)
 
 
 class MethodHooks:

@@ -4,6 +4,7 @@ from torch import nn
 
 from udaseg.adapt.hooks import AuxLoss, StepContext
 from udaseg.adapt.methods.fd import FDConfig, ImageNetFeatureDistance, downscale_label_ratio
+from udaseg.errors import ConfigError
 from udaseg.models.segmentor import SegOutput, build_segmentor
 
 
@@ -152,3 +153,40 @@ def test_fd_hrda_context_features_use_resized_imagenet_input():
     ctx = StepContext(step=0, source={"image": image, "label": label}, target={},
                       student=student, teacher=None, source_out=out)
     assert fd(ctx).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fd_views_sum_original_and_stylized_and_share_the_pass():
+    torch.manual_seed(0)
+    student = build_segmentor("mit_tiny", "segformer", head_channels=16).eval()
+    one = ImageNetFeatureDistance(student, FDConfig(weight=1.0))
+    both = ImageNetFeatureDistance(student, FDConfig(weight=1.0, views=["image", "stylized"]))
+    assert both.cfg.views == ("image", "stylized") and one.cfg.views == ("image",)
+    with torch.no_grad():  # move the student away from the frozen copy so FD > 0
+        for p in student.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    image, stylized = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    label = torch.full((2, 64, 64), 13)
+    src = {"image": image, "stylized": stylized, "label": label}
+
+    def ctx():
+        return StepContext(step=0, source=src, target={}, student=student, teacher=None,
+                           source_out=student(image))
+
+    c = ctx()
+    total = both(c)
+    assert set(c.outputs) == {"source/stylized"}  # the pass CISS reuses
+    c2 = StepContext(step=0, source={"image": stylized, "label": label}, target={},
+                     student=student, teacher=None, source_out=student(stylized))
+    want = one(ctx()) + one(c2)  # FD(x_s) + FD(x~_s)
+    assert total.item() == pytest.approx(want.item(), rel=1e-5) and total.item() > 0
+    # a cached pass is reused, not recomputed
+    c3 = ctx()
+    cached = student(stylized)
+    c3.outputs["source/stylized"] = cached
+    both(c3)
+    assert c3.outputs["source/stylized"] is cached
+    with pytest.raises(ConfigError, match="data.stylize"):
+        both(StepContext(step=0, source={"image": image, "label": label}, target={},
+                         student=student, teacher=None, source_out=student(image)))
+    with pytest.raises(ValueError, match="distinct"):
+        FDConfig(views=["image", "image"])

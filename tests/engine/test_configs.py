@@ -19,6 +19,9 @@ COMPOSITIONS = {
     **{f"{b}/daformer": _paper(b, "daformer") for b in BENCHMARKS},
     **{f"{b}/hrda": _paper(b, "hrda") for b in BENCHMARKS},
     **{f"{b}/mic": _paper(b, "hrda", "mic") for b in BENCHMARKS},
+    **{f"{b}/ciss": _paper(b, "hrda", "ciss") for b in ("cs2acdc", "cs2dz")},
+    **{f"{b}/ciss_zero_shot": [*_paper(b, "hrda", "ciss"), "configs/benchmarks/ciss_zero_shot.yaml"]
+       for b in ("cs2acdc", "cs2dz")},
     "predict/dark_zurich_test": [*_paper("cs2dz", "daformer"), "configs/predict/dark_zurich_test.yaml"],
     "predict/acdc_test": [*_paper("cs2acdc", "daformer"), "configs/predict/acdc_test.yaml"],
     "synthnight/source_only": ["configs/synthnight/source_only.yaml"],
@@ -27,6 +30,8 @@ COMPOSITIONS = {
                         "configs/synthnight/hrda.yaml"],
     "synthnight/mic": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
                        "configs/synthnight/hrda.yaml", "configs/synthnight/mic.yaml"],
+    "synthnight/ciss": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
+                        "configs/synthnight/hrda.yaml", "configs/synthnight/ciss.yaml"],
 }
 
 
@@ -74,7 +79,7 @@ def test_config_instantiates(name, tmp_path):
     if method == "daformer" and bench in BENCHMARKS:
         assert algo.cfg.pseudo_weight_ignore_bottom == 120 and hooks == {"fd"}
         assert dm.rcs.min_crop_ratio == 0.5 and dm.source_pipeline.crop_size == (512, 512)
-    if method in ("hrda", "mic") and bench in BENCHMARKS:
+    if method in ("hrda", "mic", "ciss", "ciss_zero_shot") and bench in BENCHMARKS:
         assert type(module.model).__name__ == "HRDASegmentor"
         assert module.inference_cfg.mode == "slide" and dm.rcs.min_crop_ratio == 2.0
         assert algo.cfg.pseudo_weight_ignore_bottom == 0
@@ -86,6 +91,34 @@ def test_config_instantiates(name, tmp_path):
         assert hooks == {"fd", "mic"}
         mic = next(h for h in algo.aux_losses if h.name == "mic")
         assert mic.cfg.mode == ("separate" if bench.startswith("cs2") else "separatetrgaug")
+    if method in ("ciss", "ciss_zero_shot") and bench in BENCHMARKS:
+        # spec CISS 1.8/1.12: FD on both source views, invariance on LR encoder stages 1-2
+        # (0.9/0.1, MSE, no stop-gradient), ACDC 50/20, Dark Zurich 100/10, FDA beta 0.01
+        assert hooks == {"fd", "ciss_src", "ciss_trg"} and not algo.refiners
+        fd = next(h for h in algo.aux_losses if h.name == "fd")
+        assert fd.cfg.views == ("image", "stylized") and fd.cfg.weight == 0.005
+        src = next(h for h in algo.aux_losses if h.name == "ciss_src")
+        trg = next(h for h in algo.aux_losses if h.name == "ciss_trg")
+        assert (src.weight, trg.weight) == ((50.0, 20.0) if bench == "cs2acdc" else (100.0, 10.0))
+        for h in (src, trg):
+            inv = h.invariance
+            assert (inv.levels, inv.level_weights) == ((1, 2), (0.9, 0.1))
+            assert inv.norm == "l2" and inv.stop_grad == "none" and not inv.class_average
+        assert src.cfg.upstream_name() == (
+            "src_ceorig_inv_trg_ceorigorig_invorigorigstylizedstylized")
+        assert src.loop_ce.detail_weight == 0.1
+        sty = dm.stylize
+        assert (sty.method, sty.beta, tuple(sty.common_size)) == ("fda", 0.01, (1024, 1920))
+    if method == "ciss_zero_shot":
+        # the zero-shot splits replace the training config's validation splits
+        splits = {name: (spec.name, spec.split) for name, spec in dm.val_specs.items()}
+        assert splits == {"bdd100k_night": ("bdd100k_night", "test"),
+                          "nighttime_driving": ("nighttime_driving", "test")}
+    if name == "synthnight/ciss":
+        assert hooks == {"ciss_src", "ciss_trg"} and type(module.model).__name__ == "HRDASegmentor"
+        assert dm.stylize.method == "fda" and dm.stylize.common_size is None
+        src = next(h for h in algo.aux_losses if h.name == "ciss_src")
+        assert src.invariance.levels == (1, 2) and src.weight == 50.0
     if bench == "predict":
         fmt = method.removesuffix("_test")
         assert dm.predict_spec.split == "test" and dm.predict_spec.labels is False

@@ -30,6 +30,7 @@ commands:
   test       evaluate a checkpoint on the test splits
   predict    run inference and write predictions
   export-weights  write a checkpoint's segmentor weights as .safetensors (for model.init_weights)
+  convert    import a released DAFormer/HRDA/MIC/CISS/CDDA/Refign/ICDA checkpoint (.safetensors)
   check-submission  validate a benchmark-server export (Dark Zurich zip, ACDC folder) before upload
 
 Run `udaseg <command> --help` for the options of one command.
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in (*LIGHTNING_COMMANDS, "demo", "synth", "prepare", "export-weights",
-                   "check-submission"):
+                   "check-submission", "convert"):
         print(f"udaseg: unknown command {cmd!r}\n\n{HELP}", file=sys.stderr)
         return 2
     try:
@@ -164,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             return export_weights_main(rest)
         if cmd == "prepare":
             return prepare_main(rest)
+        if cmd == "convert":
+            from ..models.checkpoint_import import convert_main
+
+            return convert_main(rest)
         if cmd == "check-submission":
             from ..eval.export import check_submission_main
 

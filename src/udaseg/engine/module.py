@@ -49,17 +49,20 @@ def as_config(cls, value):
     raise TypeError(f"expected {cls.__name__} or a dict of its fields, got {type(value).__name__}")
 
 
-def load_segmentor_weights(model: torch.nn.Module, path: str) -> None:
-    """Initialise ``model`` from a udaseg checkpoint (strict).
-
-    Accepts a Lightning ``.ckpt`` (its ``model.*`` weights) or exported segmentor weights
-    (``.safetensors`` / ``.pth`` without prefix); read with ``weights_only=True``.
-    """
+def read_segmentor_weights(path: str) -> dict[str, torch.Tensor]:
+    """Segmentor weights from a udaseg Lightning ``.ckpt`` (its ``model.*`` entries) or from a
+    weights file (``export-weights`` / ``udaseg convert`` ``.safetensors``, ``.pth``), whose keys
+    are already the segmentor's; read with ``weights_only=True``."""
     from ..models.weights import load_state_dict_file
 
     state = load_state_dict_file(path)
-    if any(k.startswith("model.") for k in state):
+    if str(path).endswith(".ckpt"):
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+def load_segmentor_weights(model: torch.nn.Module, state: dict, path: str) -> None:
+    """Load ``state`` into ``model`` (strict), naming ``path`` when it does not fit."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -134,10 +137,24 @@ class UDAModule(L.LightningModule):
             head_channels=head_channels,
             pretrained=pretrained,
         )
-        if init_weights is not None:
-            load_segmentor_weights(self.model, init_weights)
+        # weights of a single-scale segmentor initialise it before an HRDA wrap; weights of an
+        # HRDA segmentor (with its scale-attention head, e.g. a converted HRDA/MIC checkpoint)
+        # are loaded into the wrapped model
+        init_state = read_segmentor_weights(init_weights) if init_weights is not None else None
+        hrda_state = init_state is not None and any(
+            k.startswith("scale_attention_head.") for k in init_state
+        )
+        if init_state is not None and not hrda_state:
+            load_segmentor_weights(self.model, init_state, init_weights)
         if hrda is not None:
             self.model = HRDASegmentor(self.model, hrda)
+        if hrda_state:
+            if hrda is None:
+                raise CheckpointError(
+                    f"model.init_weights: {init_weights} holds an HRDA segmentor (scale-attention "
+                    "head); set model.hrda (e.g. the benchmark's hrda.yaml) to load it"
+                )
+            load_segmentor_weights(self.model, init_state, init_weights)
         from ..catalog import build_methods
 
         hooks = build_methods(methods or {}, self.model)

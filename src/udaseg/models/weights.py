@@ -300,7 +300,10 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             f"{str(p)!r}: torch.load(weights_only=True) could not read this file: {e}\n"
             "It is corrupt, not a PyTorch checkpoint, or it pickles Python objects other than "
             "tensors. If you trust its source, re-save only the tensors, e.g. "
-            "torch.save(state_dict, 'clean.pth'), or convert it to .safetensors."
+            "torch.save(state_dict, 'clean.pth'), or convert it to .safetensors. Released "
+            "checkpoints of the seed repositories (mmseg/mmcv, Lightning 1.x) convert with "
+            "`udaseg convert SRC DST.safetensors --allow-unsafe` (this loads with "
+            "weights_only=False, which executes code pickled in the file: trusted files only)."
         ) from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(

@@ -35,6 +35,8 @@ Differences from the reference:
   (the reference assumes they do not occur).
 - The ImageNet input scale for multi-resolution students is inferred from the feature shapes;
   HRDA's ``feature_scale='all'`` ablation (FD summed over both scales) is not supported.
+- ``views`` (CISS): FD summed over several pixel-aligned source views, e.g. the original and
+  the stylised source, L_FD = lambda_FD * (FD(x_s) + FD(x~_s)); default the original only.
 """
 
 from __future__ import annotations
@@ -126,6 +128,17 @@ class FDConfig:
     (``imnet_feature_dist_scale_min_ratio``)."""
     feature_level: int = -1
     """Backbone level compared (-1: the last stage, F4)."""
+    views: tuple[str, ...] = ("image",)
+    """Source views FD is computed on and summed over: ``"image"`` (the supervised pass) and
+    extra pixel-aligned views of the source batch by key, e.g. ``["image", "stylized"]`` for
+    CISS (FD on the original and the FDA-stylised source, spec CISS 1.10). An extra view's
+    student pass is ``ctx.student_forward("source/<view>", ...)``, shared with other hooks."""
+
+    def __post_init__(self) -> None:
+        views = (self.views,) if isinstance(self.views, str) else tuple(self.views)
+        if not views or len(set(views)) != len(views):
+            raise ValueError(f"FDConfig.views: give distinct source view keys, got {self.views!r}")
+        object.__setattr__(self, "views", views)
 
 
 class ImageNetFeatureDistance(nn.Module):
@@ -221,16 +234,36 @@ class ImageNetFeatureDistance(nn.Module):
             )
         return feats
 
+    def view_distance(self, ctx: StepContext, view: str) -> Tensor:
+        """The unweighted masked mean distance of one source view (``"image"`` or an extra key)."""
+        if view == "image":
+            out = ctx.source_out
+        else:
+            if view not in ctx.source:
+                from ...errors import ConfigError
+
+                raise ConfigError(
+                    f"ImageNetFeatureDistance: FDConfig.views names {view!r}, but the source batch "
+                    f"only has {sorted(ctx.source)}; the 'stylized' view is added by the data "
+                    "pipeline when `data.stylize` is set"
+                )
+            out = ctx.student_forward(f"source/{view}", ctx.source[view])
+        feats = out.features[self.cfg.feature_level]
+        imnet = self.imagenet_features(ctx.source[view], feats)
+        d = torch.linalg.vector_norm(feats - imnet, ord=2, dim=1)  # (B, h, w): d(p)
+        mask = self.feature_mask(ctx.source["label"], (feats.shape[-2], feats.shape[-1]))
+        # masked mean; an empty mask gives 0 (not NaN) and keeps the graph (zero gradient)
+        return (d * mask).sum() / mask.sum().clamp_min(1.0)
+
     def forward(self, ctx: StepContext) -> Tensor:
-        """L_FD for the source batch of ``ctx`` (already multiplied by lambda_FD)."""
+        """L_FD for the source batch of ``ctx`` (already multiplied by lambda_FD), summed over
+        ``cfg.views``."""
         if ctx.source_out is None:
             raise ValueError(
                 "ImageNetFeatureDistance runs at stage 'source': ctx.source_out is not set"
             )
-        feats = ctx.source_out.features[self.cfg.feature_level]
-        imnet = self.imagenet_features(ctx.source["image"], feats)
-        d = torch.linalg.vector_norm(feats - imnet, ord=2, dim=1)  # (B, h, w): d(p)
-        mask = self.feature_mask(ctx.source["label"], (feats.shape[-2], feats.shape[-1]))
-        # masked mean; an empty mask gives 0 (not NaN) and keeps the graph (zero gradient)
-        loss = (d * mask).sum() / mask.sum().clamp_min(1.0)
+        loss = None
+        for view in self.cfg.views:
+            d = self.view_distance(ctx, view)
+            loss = d if loss is None else loss + d
         return self.cfg.weight * loss
