@@ -5,10 +5,11 @@ Every run starts from the same source-only checkpoint (``--init``). A UDA run ad
 ``round(steps * cost_ratio)`` iterations, where ``cost_ratio`` is the cost of one UDA iteration
 in source iterations (so extra source training is not mistaken for adaptation).
 
-``--cost-ratio measured`` runs the UDA methods first, measures each one's seconds per iteration,
-then trains one control run (with a constant learning rate, ``--power 0``, so that its state at
-step k is the state of a k-step run) and snapshots it at each method's equal-compute step count;
-every method is compared with its own snapshot. Results (day/night val mIoU) are printed and
+``--cost-ratio measured`` runs the UDA methods first, then one control run with a constant
+learning rate (``--power 0``, so that its state at step k is the state of a k-step run),
+snapshotted and evaluated every ``--snapshot-every`` steps, then times every run back to back
+(same machine load for all); each method is compared with the first control snapshot at or
+beyond its equal-compute step. Results (day/night val mIoU) are printed and
 appended to ``benchmarks/results.md``.
 
     python benchmarks/synthnight_uda.py --init runs/synthnight_calibration/.../last.ckpt \
@@ -39,6 +40,11 @@ RUNS = {
     "daformer": dict(self_training={}, methods={"fd": {}}, rcs=RCS),
     "hrda": dict(self_training={}, methods={"fd": {}}, rcs=RCS, **HRDA),
     "mic": dict(self_training={}, methods={"fd": {}, "mic": MIC}, rcs=RCS, **HRDA),
+    # CISS on HRDA: FDA views of both domains, invariance on encoder stages 1-2 (paper ACDC weights)
+    "ciss": dict(self_training={}, rcs=RCS, stylize={"method": "fda", "beta": 0.01}, **HRDA,
+                 methods={"fd": {"views": ["image", "stylized"]},
+                          "ciss": {"preset": "reference",
+                                   "invariance": {"weight_source": 50.0, "weight_target": 20.0}}}),
 }
 
 
@@ -80,10 +86,12 @@ class Snapshots:
         self.callback = _CB()
 
 
-def run_one(name: str, a, steps: int | None = None, snapshots: Snapshots | None = None) -> dict | list[dict]:
+def run_one(name: str, a, steps: int | None = None, snapshots: Snapshots | None = None,
+            evaluate_after: bool = True) -> dict | list[dict]:
     import lightning as L
 
     from udaseg.data.rcs import RCSConfig
+    from udaseg.data.stylize import StylizeConfig
     from udaseg.data.transforms import PipelineConfig
     from udaseg.engine.datamodule import DatasetSpec, UDADataModule
     from udaseg.engine.module import UDAModule
@@ -106,6 +114,7 @@ def run_one(name: str, a, steps: int | None = None, snapshots: Snapshots | None 
         source_pipeline=PipelineConfig(scale=tuple(a.scale), crop_size=tuple(a.crop), cat_max_ratio=0.75),
         target_pipeline=pipe, batch_size=a.batch_size, val_batch_size=16, num_workers=a.workers,
         rcs=RCSConfig(**spec["rcs"]) if spec.get("rcs") else None, seed=a.seed,
+        stylize=StylizeConfig(**spec["stylize"]) if spec.get("stylize") else None,
     )
     module = UDAModule(
         backbone=a.backbone, head="segformer", head_channels=a.head_channels, drop_path_rate=0.0,
@@ -129,6 +138,8 @@ def run_one(name: str, a, steps: int | None = None, snapshots: Snapshots | None 
         )
         return {s: 100 * r.miou("cityscapes19") for s, r in module.val_results.items()}
 
+    if not evaluate_after:
+        return dict(run=name, steps=steps, train_s=train_s, s_per_it=timer.s_per_it)
     if snapshots is None:
         return dict(run=name, steps=steps, train_s=train_s, s_per_it=timer.s_per_it, **evaluate())
     rows = []
@@ -140,21 +151,25 @@ def run_one(name: str, a, steps: int | None = None, snapshots: Snapshots | None 
 
 
 def measured_comparison(a) -> list[dict]:
-    """UDA runs first; then one control run snapshotted at each run's equal-compute step."""
+    """UDA runs, then one constant-lr control run snapshotted every ``--snapshot-every`` steps up
+    to ``--max-ratio`` x steps, then a back-to-back timing of every run (``--timing-steps``
+    iterations each, so all are timed under the same machine load). Each method is compared with
+    the first control snapshot at or beyond its equal-compute step (never fewer control steps)."""
     methods = [r for r in a.runs if r != "source_only"]
     rows = [run_one(name, a) for name in methods]
-    # the source iteration cost, measured on a short control run before the long one
-    probe = run_one("source_only", a, steps=max(20, a.steps // 10))
-    per_source_it = probe["s_per_it"]
-    targets = {r["run"]: max(1, round(r["steps"] * r["s_per_it"] / per_source_it)) for r in rows}
-    snaps = Snapshots(targets.values())
-    controls = run_one("source_only", a, steps=max(targets.values()), snapshots=snaps)
-    by_step = {c["steps"]: c for c in controls}
+    max_steps = round(a.max_ratio * a.steps)
+    snaps = Snapshots(range(a.snapshot_every, max_steps + 1, a.snapshot_every))
+    controls = run_one("source_only", a, steps=max_steps, snapshots=snaps)
+    timing = {name: run_one(name, a, steps=a.timing_steps, evaluate_after=False)["s_per_it"]
+              for name in ["source_only", *methods]}
     for r in rows:
-        c = by_step[targets[r["run"]]]
-        r["control_night"] = c["night_val"]
+        r["s_per_it"] = timing[r["run"]]
+        r["ratio"] = timing[r["run"]] / timing["source_only"]
+        need = r["ratio"] * a.steps
+        c = next((c for c in controls if c["steps"] >= need), controls[-1])
+        r["control_steps"], r["control_night"] = c["steps"], c["night_val"]
     for c in controls:
-        c["control_night"] = None
+        c["s_per_it"], c["control_night"] = timing["source_only"], None
     return rows + controls
 
 
@@ -168,6 +183,10 @@ def main() -> None:
                    help="UDA / source iteration cost, or 'measured' (see the module docstring)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--power", type=float, default=1.0, help="poly power (0: constant lr)")
+    p.add_argument("--max-ratio", type=float, default=5.0,
+                   help="measured mode: control steps = max-ratio x steps")
+    p.add_argument("--snapshot-every", type=int, default=200, help="measured mode: control snapshots")
+    p.add_argument("--timing-steps", type=int, default=40, help="measured mode: timing iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", default="mit_tiny")
     p.add_argument("--head-channels", type=int, default=128)
@@ -190,16 +209,17 @@ def main() -> None:
         f"\n### SynthNight UDA, {datetime.date.today()} ({platform.machine()}, {platform.node()})\n",
         f"`python benchmarks/synthnight_uda.py --init {a.init} --steps {a.steps} --cost-ratio "
         f"{a.cost_ratio} --lr {a.lr} --power {a.power} --seed {a.seed} --runs {' '.join(a.runs)}`\n",
-        "| run | iterations | train time (s) | s / iteration | day_val mIoU | night_val mIoU "
-        "| equal-compute control night | night gain |",
+        "| run | iterations | s / iteration | cost (source its) | day_val mIoU | night_val mIoU "
+        "| control (iterations): night | night gain |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r.get("control_night")
         gain = "" if base is None or r["run"] == "source_only" else f"{r['night_val'] - base:+.2f}"
-        ctrl = "" if base is None else f"{base:.2f}"
+        ctrl = "" if base is None else f"({r.get('control_steps', '')}): {base:.2f}"
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
         lines.append(
-            f"| {r['run']} | {r['steps']} | {r['train_s']:.0f} | {r['s_per_it']:.3f} | "
+            f"| {r['run']} | {r['steps']} | {r['s_per_it']:.3f} | {ratio} | "
             f"{r['day_val']:.2f} | {r['night_val']:.2f} | {ctrl} | {gain} |"
         )
     text = "\n".join(lines) + "\n"
