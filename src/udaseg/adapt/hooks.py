@@ -19,8 +19,9 @@ a config block; methods stack by listing them. The loop never names a method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +88,11 @@ class StepContext:
     mixed_out: SegOutput | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     outputs: dict[str, SegOutput] = field(default_factory=dict)
+    seg_loss: Callable[[SegOutput, Tensor, Tensor | None], Tensor] | None = None
+    """The loop's segmentation loss ``(output, label, weight) -> loss`` (its CE reduction and
+    HRDA detail weight), for hooks that add CE terms on other views."""
+    strong_aug: Any = None
+    """The loop's :class:`~udaseg.adapt.mixing.StrongAugConfig` (for views augmented alike)."""
 
     @property
     def device(self) -> torch.device:

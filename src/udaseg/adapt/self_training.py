@@ -143,6 +143,7 @@ class SelfTraining(nn.Module):
         ctx = StepContext(
             step=step, source=source, target=target or {}, student=student,
             teacher=self.teacher.model if self.teacher is not None else None,
+            seg_loss=self.seg_loss, strong_aug=getattr(self, "aug_cfg", None),
         )
 
         # (1) supervised source pass (+ source-stage aux losses, e.g. FD)

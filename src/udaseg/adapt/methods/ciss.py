@@ -72,10 +72,10 @@ The base loop always computes CE(x_s) and CE(m_oo) with weight 1 (it never names
 configuration that drops or averages them is realised *exactly* by the hooks: they add
 ``(c - 1) * CE`` recomputed from ``ctx.source_out`` / ``ctx.mixed_out`` (with its graph), where
 c is the coefficient the configuration wants, so the summed gradient equals that of the intended
-loss (e.g. ``average_ce``: -0.5 CE(x_s) + 0.5 CE(x~_s) on top of the loop's CE(x_s)). On its
-first use each hook checks that its recomputed CE equals the value the loop logged (``src`` /
-``mix``), so a different loop loss (e.g. ``ce_reduction: valid_pixels``) fails loudly instead of
-giving a wrong gradient (pass the matching ``reduction`` to the hooks).
+loss (e.g. ``average_ce``: -0.5 CE(x_s) + 0.5 CE(x~_s) on top of the loop's CE(x_s)). Every CE
+uses the loop's own loss function (``ctx.seg_loss``: its reduction and HRDA detail weight).
+Driven without it (a bare StepContext), a hook uses its ``reduction``/``detail_weight`` and
+checks once that its recomputed CE equals the value the loop logged (``src`` / ``mix``).
 
 Reference: SysCV/CISS ``mmseg/models/uda/dacs_ciss.py`` (UDA step and invariance loss),
 ``configs/_base_/uda/dacs_a999_fdthings_ciss_*`` (term naming) and ``experiments.py`` (weights),
@@ -87,10 +87,8 @@ Differences from the reference:
   [LR, HR]-pair indexing of a mixed feature list.
 - All terms of a stage are summed into the loop's single backward (the reference calls backward
   per term; the gradients are the same).
-- The extra mixed views are augmented with :func:`~udaseg.adapt.mixing.strong_augment` at the
-  DACS defaults (jitter strength 0.2, per-image op order); the hooks cannot see the loop's
-  strong-augmentation settings, only its gates. Pass ``aug`` to :class:`CISSTargetLoss` when
-  the loop uses another jitter strength.
+- The extra mixed views are augmented with :func:`~udaseg.adapt.mixing.strong_augment` with the
+  loop's settings (``ctx.strong_aug``) and gates, fresh parameters.
 - ``pseudo_labels: stylized`` re-runs the teacher on x~_t after the loop's teacher pass on x_t
   (the loop always makes that pass), so a teacher whose BatchNorm is in train mode sees two
   target batches per step; the pseudo-label crop of the loop is kept, the threshold and weight
@@ -481,9 +479,18 @@ class _LoopCE:
         self.who = who
         self.checked = False
 
+    def plain(self, ctx: StepContext, out: SegOutput, label: Tensor,
+              weight: Tensor | None = None) -> Tensor:
+        """The loop's loss on another view: ``ctx.seg_loss`` when the loop provides it."""
+        if ctx.seg_loss is not None:
+            return ctx.seg_loss(out, label, weight)
+        return segmentation_loss(out, label, weight, self.reduction, self.detail_weight)
+
     def __call__(self, ctx: StepContext, out: SegOutput, label: Tensor,
                  weight: Tensor | None = None) -> Tensor:
-        loss = segmentation_loss(out, label, weight, self.reduction, self.detail_weight)
+        loss = self.plain(ctx, out, label, weight)
+        if ctx.seg_loss is not None:
+            return loss  # the loop's own loss function: nothing to check
         logged = ctx.losses.get(self.logged_key)
         if not self.checked and logged is not None:
             if not torch.allclose(loss.detach().float(), logged.detach().float(),
@@ -543,8 +550,7 @@ class CISSSourceLoss:
         if self.ce_original != 1.0:  # the loop already added 1 x CE(x_s)
             ce = (self.ce_original - 1.0) * self.loop_ce(ctx, ctx.source_out, label)
         if self.ce_stylized:
-            ce = _add(ce, self.ce_stylized * segmentation_loss(
-                out_sty, label, None, self.loop_ce.reduction, self.loop_ce.detail_weight))
+            ce = _add(ce, self.ce_stylized * self.loop_ce.plain(ctx, out_sty, label, None))
         if ce is not None:
             parts["ciss_src_ce"] = ce
         if not parts:
@@ -587,6 +593,7 @@ class CISSTargetLoss:
         self.cfg = cfg
         self.invariance = cfg.feature_invariance(num_classes)
         self.weight = cfg.weight_target
+        self.aug_given = aug is not None
         self.aug = aug if aug is not None else StrongAugConfig(order_per_image=True)
         self.generator = generator
         self.ce_counts = Counter(cfg.target.ce_mixes)
@@ -613,7 +620,8 @@ class CISSTargetLoss:
             ctx.target, "stylized", "target")
         raw = mix(mixed.mask, src, trg)
         jitter, blur = mixed.aug_gates
-        return strong_augment(raw, self.aug, self.generator, jitter_gate=jitter, blur_gate=blur)
+        aug = self.aug if self.aug_given or ctx.strong_aug is None else ctx.strong_aug
+        return strong_augment(raw, aug, self.generator, jitter_gate=jitter, blur_gate=blur)
 
     def view_output(self, ctx: StepContext, styles: tuple[str, str]) -> SegOutput:
         """The student's output on a mixed view (one pass per view and step)."""
@@ -645,9 +653,7 @@ class CISSTargetLoss:
         for styles, count in self.ce_counts.items():
             if styles == oo:
                 continue
-            ce = _add(ce, count * segmentation_loss(
-                self.view_output(ctx, styles), label, weight, self.loop_ce.reduction,
-                self.loop_ce.detail_weight))
+            ce = _add(ce, count * self.loop_ce.plain(ctx, self.view_output(ctx, styles), label, weight))
         if ce is not None:
             parts["ciss_trg_ce"] = ce
         if not parts:
