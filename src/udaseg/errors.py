@@ -19,3 +19,7 @@ class CheckpointError(UdasegError, ValueError):
 
 class ConfigError(UdasegError, ValueError):
     """A setting is unknown or out of range."""
+
+
+class NonFiniteLossError(UdasegError, FloatingPointError):
+    """A loss term became NaN or infinite during training."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import DataError
 from .classes import NUM_CLASSES
 from .datasets.base import collect_missing
-from .io import image_size, read_label
+from .io import read_image, read_label
 
 
 @dataclass
@@ -75,7 +75,7 @@ def _check_record(rec, label_check: Callable | None) -> tuple[bool, list[str], l
     problems: list[str] = []
     notes: list[str] = []
     try:
-        size = image_size(rec.image)
+        size = read_image(rec.image).shape[:2]  # a full decode: truncated files must show up
     except FileNotFoundError:
         return False, [f"image file not found: {rec.image}"], notes
     except Exception as exc:  # noqa: BLE001 - every unreadable file is one reported problem

@@ -114,7 +114,9 @@ def label_set(name: str) -> LabelSet:
         return LABEL_SETS[name]
     except KeyError:
         known = ", ".join(sorted(LABEL_SETS))
-        raise ValueError(f"unknown label set {name!r}; known label sets: {known}") from None
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown label set {name!r}; known label sets: {known}") from None
 
 
 def palette_array():

@@ -91,11 +91,12 @@ class PairedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source) * len(self.target)
 
-    def pair(self, idx: int) -> tuple[int | None, int, int]:
-        """(RCS class or None, source index, target index) of item ``idx``."""
+    def pair(self, idx: int, rng: np.random.Generator | None = None) -> tuple[int | None, int, int]:
+        """(RCS class or None, source index, target index) of item ``idx``; with RCS the draws
+        come from ``rng`` (default: the dataset's own generators)."""
         if self.rcs is not None:
-            c, si = self.rcs.draw()
-            return c, si, int(self._rng.integers(len(self.target)))
+            c, si = self.rcs.draw(rng)
+            return c, si, int((self._rng if rng is None else rng).integers(len(self.target)))
         n = len(self)
         if not -n <= idx < n:
             raise IndexError(f"PairedDataset index {idx} out of range for length {n}")
@@ -120,7 +121,11 @@ class PairedDataset(Dataset):
         return src, trg
 
     def __getitem__(self, idx: int) -> dict[str, Sample]:
-        c, si, ti = self.pair(idx)
+        return self.get(idx)
+
+    def get(self, idx: int, rng: np.random.Generator | None = None) -> dict[str, Sample]:
+        """Item ``idx`` with its pair draws from ``rng`` (see :class:`udaseg.data.stream.SampleStream`)."""
+        c, si, ti = self.pair(idx, rng)
         src = self.source_before(self.source.load(si))
         trg = self.target_before(self.target.load(ti))
         src, trg = self.stylize_views(src, trg)

@@ -477,11 +477,12 @@ class RareClassDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def draw(self) -> tuple[int, int]:
-        """One (class, source index) draw from the sampler's generator."""
-        c = self.classes[int(self._rng.choice(len(self.classes), p=self.probs))]
+    def draw(self, rng: np.random.Generator | None = None) -> tuple[int, int]:
+        """One (class, source index) draw from ``rng`` (default: the sampler's own generator)."""
+        rng = self._rng if rng is None else rng
+        c = self.classes[int(rng.choice(len(self.classes), p=self.probs))]
         candidates = self.files_with_class[c]
-        return c, candidates[int(self._rng.integers(len(candidates)))]
+        return c, candidates[int(rng.integers(len(candidates)))]
 
     def _enough(self, sample: Sample, c: int) -> bool:
         if "label" not in sample:
@@ -507,11 +508,16 @@ class RareClassDataset(Dataset):
                 sample = transform(dict(loaded))
         return sample
 
-    def __getitem__(self, idx: int) -> Sample:
-        c, i = self.draw()
+    def get(self, idx: int, rng: np.random.Generator | None = None) -> Sample:
+        """A sample whose class and file are drawn from ``rng`` (the index is ignored); used by
+        :class:`udaseg.data.stream.SampleStream` with one generator per stream position."""
+        c, i = self.draw(rng)
         sample = self.transform_with_retries(self.source.load(i), c, self.source.transform)
         sample["rcs_class"] = torch.tensor(c, dtype=torch.int64)
         return sample
+
+    def __getitem__(self, idx: int) -> Sample:
+        return self.get(idx)
 
     # ---- generator state -------------------------------------------------------------------
 

@@ -1,4 +1,9 @@
-"""Lightning callbacks of udaseg.
+"""Lightning callbacks and plugins of udaseg.
+
+* :class:`SubmissionWriter`: predictions in the benchmark servers' formats;
+* :class:`AtomicCheckpointIO`: checkpoints written atomically, read with ``weights_only=True``;
+* :class:`PreemptionCheckpoint`: SIGTERM writes ``last.ckpt`` and stops cleanly;
+* :class:`SaveConfigKeepingPrevious`: never overwrites an earlier run's ``config.yaml``.
 
 :class:`SubmissionWriter` turns ``udaseg predict`` into a benchmark-server submission: it writes
 what :meth:`udaseg.engine.module.UDAModule.predict_step` returns (train IDs and confidence at the
@@ -19,7 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..eval.export import (
@@ -176,3 +183,86 @@ class SubmissionWriter(BasePredictionWriter):
         if not folder.is_dir():
             return []
         return [p for p in folder.glob("*.png") if p.is_file()]
+
+
+# ----------------------------------------------------------------------------------------------
+# reliability: configs, checkpoints, preemption
+
+
+class SaveConfigKeepingPrevious(SaveConfigCallback):
+    """LightningCLI's config saving, except that an existing ``config.yaml`` in the run folder
+    (a previous run with ``logger: false`` in the same ``default_root_dir``) is kept as
+    ``config.previous-N.yaml`` instead of being overwritten."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            log_dir = trainer.log_dir  # a collective call under DDP: every rank makes it
+            path = Path(log_dir) / self.config_filename if log_dir is not None else None
+            if trainer.is_global_zero and path is not None and path.is_file():
+                n = 1
+                while (keep := path.with_name(f"{path.stem}.previous-{n}{path.suffix}")).exists():
+                    n += 1
+                path.rename(keep)
+        super().setup(trainer, pl_module, stage)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file in the same folder, flushed to disk, then renamed
+    over the target: a crash or preemption while saving never leaves a truncated ``last.ckpt``
+    (the previous file stays intact until the new one is complete). Loading uses
+    ``weights_only=True``: udaseg checkpoints hold only tensors and plain values."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        import os
+        import tempfile
+
+        import torch
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        from ..models.weights import load_checkpoint_dict
+
+        return load_checkpoint_dict(path, map_location=map_location)
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM (cluster preemption, ``scancel``), save ``<dirpath>/last.ckpt`` after the
+    current iteration, then let Lightning stop the run (exit status 0). Resume with
+    ``--ckpt_path <dirpath>/last.ckpt``: the run continues exactly (see ``udaseg.data.stream``).
+
+    Args:
+        dirpath: where to write; default: the ModelCheckpoint's folder, else
+            ``<default_root_dir>/checkpoints``.
+    """
+
+    def __init__(self, dirpath: str | None = None):
+        self.dirpath = dirpath
+        self.saved: Path | None = None
+
+    def _target(self, trainer: L.Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath) / "last.ckpt"
+        ckpt = trainer.checkpoint_callback
+        folder = getattr(ckpt, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+        return Path(folder) / "last.ckpt"
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.received_sigterm and self.saved is None:
+            self.saved = self._target(trainer)
+            trainer.save_checkpoint(self.saved)
+            rank_zero_info(
+                f"udaseg: SIGTERM received; saved {self.saved} at iteration {trainer.global_step}. "
+                f"Resume with --ckpt_path {self.saved}"
+            )

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from ..errors import CheckpointError, UdasegError
+from ..errors import CheckpointError, ConfigError, UdasegError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -30,6 +30,7 @@ commands:
   test       evaluate a checkpoint on the test splits
   predict    run inference and write predictions
   export-weights  write a checkpoint's segmentor weights as .safetensors (for model.init_weights)
+  export     export a trained segmentor to ONNX (dynamic height/width)
   convert    import a released DAFormer/HRDA/MIC/CISS/CDDA/Refign/ICDA checkpoint (.safetensors)
   check-submission  validate a benchmark-server export (Dark Zurich zip, ACDC folder) before upload
 
@@ -38,20 +39,38 @@ Run `udaseg <command> --help` for the options of one command.
 
 
 def lightning_main(argv: list[str] | None) -> int:
-    """Run LightningCLI; ``argv=None`` reads sys.argv (the console script)."""
+    """Run LightningCLI; ``argv=None`` reads sys.argv (the console script).
+
+    Every run gets atomic checkpoint writes read back with ``weights_only=True``
+    (:class:`~udaseg.engine.callbacks.AtomicCheckpointIO`, unless ``trainer.plugins`` is set), a
+    checkpoint on SIGTERM (:class:`~udaseg.engine.callbacks.PreemptionCheckpoint`), and keeps an
+    earlier run's ``config.yaml``.
+    """
     from lightning.pytorch.cli import LightningCLI
 
+    from .callbacks import AtomicCheckpointIO, PreemptionCheckpoint, SaveConfigKeepingPrevious
     from .datamodule import UDADataModule
     from .module import UDAModule
 
-    LightningCLI(
-        UDAModule,
-        UDADataModule,
-        args=argv,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "udaseg"},
-    )
+    class UdasegCLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+                kwargs["plugins"] = [AtomicCheckpointIO()]
+            return super().instantiate_trainer(**kwargs)
+
+    try:
+        UdasegCLI(
+            UDAModule,
+            UDADataModule,
+            args=argv,
+            seed_everything_default=0,
+            save_config_callback=SaveConfigKeepingPrevious,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [PreemptionCheckpoint()]},
+            parser_kwargs={"prog": "udaseg", "exit_on_error": False},
+        )
+    except argparse.ArgumentError as exc:  # a config typo: one line, not the whole usage
+        raise ConfigError(f"{exc}; run `udaseg {(argv or sys.argv[1:])[0]} --help` for the accepted options") from None
     return 0
 
 
@@ -124,12 +143,27 @@ def export_weights_main(argv: list[str]) -> int:
     state = load_state_dict_file(a.ckpt)
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     if not weights:
-        raise CheckpointError(f"{a.ckpt}: no 'model.*' weights; is it a udaseg checkpoint?")
+        raise CheckpointError(
+            f"{a.ckpt}: no 'model.*' weights, so it is not a udaseg training checkpoint; a released "
+            "checkpoint of DAFormer/HRDA/MIC/CISS/Refign... is imported with "
+            f"`udaseg convert {a.ckpt} OUT.safetensors`"
+        )
     hparams = torch.load(a.ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
     meta = {k: hparams[k] for k in ("backbone", "head", "head_channels", "num_classes") if k in hparams}
     path = save_segmentor_weights(weights, a.out, meta)
     print(f"wrote {len(weights)} tensors to {path} ({meta})")
     return 0
+
+
+def user_message(exc: BaseException) -> str:
+    """The error's own message; for an error re-raised from a DataLoader worker (whose message
+    embeds the worker's traceback) only the original message at its end."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        marker = f"{type(exc).__name__}: "
+        if marker in text:
+            text = text.rsplit(marker, 1)[1].strip()
+    return text
 
 
 def cfg_version() -> int:
@@ -151,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in (*LIGHTNING_COMMANDS, "demo", "synth", "prepare", "export-weights",
-                   "check-submission", "convert"):
+                   "check-submission", "convert", "export"):
         print(f"udaseg: unknown command {cmd!r}\n\n{HELP}", file=sys.stderr)
         return 2
     try:
@@ -165,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             return export_weights_main(rest)
         if cmd == "prepare":
             return prepare_main(rest)
+        if cmd == "export":
+            from ..eval.onnx_export import export_main
+
+            return export_main(rest)
         if cmd == "convert":
             from ..models.checkpoint_import import convert_main
 
@@ -177,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UdasegError, FileNotFoundError, FileExistsError) as exc:
         if os.environ.get("UDASEG_DEBUG"):
             raise
-        print(f"udaseg {cmd}: error: {exc}\n(set UDASEG_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"udaseg {cmd}: error: {user_message(exc)}\n(set UDASEG_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, RandomSampler
+import torch
+from torch.utils.data import DataLoader
 
 from ..catalog import DATASETS, resolve
 from ..data.rcs import RCSConfig
@@ -72,7 +72,8 @@ class UDADataModule(L.LightningDataModule):
         rcs: rare class sampling of the source (DAFormer: ``class_temp 0.01, min_pixels 3000,
             min_crop_ratio 0.5``; HRDA/MIC: ``min_crop_ratio 2.0``). Class statistics are computed
             once and cached next to the dataset.
-        seed: base seed of the RCS streams (each rank and worker gets its own stream).
+        seed: seed of the training data streams (:mod:`udaseg.data.stream`; each rank reads
+            its own stream, and a resumed run continues it exactly).
         predict: the split ``udaseg predict`` runs on (e.g. Dark Zurich ``test``); read without
             labels, with the target's test pipeline (the source's for a source-dataset split),
             one image per batch since test images may differ in size. Predictions come back at
@@ -138,8 +139,6 @@ class UDADataModule(L.LightningDataModule):
                 from ..data.rcs import RareClassDataset
 
                 self.source_set = RareClassDataset(self.source_set, config=self.rcs, seed=self.seed)
-                # a distinct class/file stream per rank (RCS must not draw the same crops everywhere)
-                self.source_set.seed_worker(0, rank=self._rank(), base_seed=self.seed)
             self.target_set = (
                 self.target_spec.build(self.target_pipeline.train()) if self.target_spec else None
             )
@@ -179,8 +178,6 @@ class UDADataModule(L.LightningDataModule):
             source, self.target_set, self.stylize, self.source_pipeline, self.target_pipeline,
             rcs=rcs, seed=self.seed,
         )
-        # distinct RCS and target streams per rank
-        self.train_set.seed_worker(0, rank=self._rank(), base_seed=self.seed)
 
     def _eval_pipeline(self, spec: DatasetSpec) -> PipelineConfig:
         """The target's pipeline, or the source's for a split of the source dataset."""
@@ -190,52 +187,55 @@ class UDADataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def state_dict(self) -> dict:
-        """Saved in every checkpoint: the RCS class/file stream (exact with ``num_workers=0``);
-        with ``stylize`` and RCS also the paired dataset's target stream (``paired_target``)."""
-        paired = getattr(self, "train_set", None)
-        if paired is not None:
-            state = paired.state_dict()
-            if "rcs" not in state:
-                return {}  # index pairing: nothing random outside torch
-            return {"rcs": state["rcs"], "paired_target": state["target"]}
-        source = getattr(self, "source_set", None)
-        if source is not None and hasattr(source, "state_dict"):
-            return {"rcs": source.state_dict()}
-        return {}
+        """Saved in every checkpoint. The training streams need no state beyond the seed: sample
+        p of a stream is a pure function of (seed, domain, rank, p) and a resumed run restarts
+        at position ``global_step x batch_size`` (:mod:`udaseg.data.stream`)."""
+        return {"seed": self.seed, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self._pending_state = state
+        if state and {"seed", "batch_size"} <= set(state) and (
+            state["seed"] != self.seed or state["batch_size"] != self.batch_size
+        ):
+            import warnings
 
-    def _restore(self) -> None:
-        state = getattr(self, "_pending_state", None)
-        if state and "rcs" in state and hasattr(self.source_set, "load_state_dict"):
-            self.source_set.load_state_dict(state["rcs"])
-        if state and "paired_target" in state and self.train_set is not None:
-            self.train_set.load_state_dict({"target": state["paired_target"]})
-        self._pending_state = None
+            warnings.warn(
+                f"resuming with data.seed={self.seed}, data.batch_size={self.batch_size} but the "
+                f"checkpoint was trained with {state['seed']}, {state['batch_size']}: the data "
+                "stream will differ from the interrupted run's",
+                stacklevel=2,
+            )
 
-    def _train_loader(self, ds) -> DataLoader:
+    def _train_loader(self, ds, domain: int) -> DataLoader:
         # Training is counted in iterations (the papers' 40k), not epochs: with max_steps set, one
-        # "epoch" is the whole run, drawn as repeated random permutations of the split.
-        steps = getattr(self.trainer, "max_steps", -1) if self.trainer is not None else -1
-        num_samples = steps * self.batch_size if steps and steps > 0 else None
-        worker_init = None
-        seed_worker = getattr(ds, "seed_worker", None)
-        if seed_worker is not None and self.num_workers > 0:  # RCS: one stream per rank and worker
-            worker_init = partial(seed_worker, rank=self._rank(), base_seed=self.seed)
+        # "epoch" is the whole run. Batch t reads positions t*B .. t*B+B-1 of a deterministic
+        # stream, so a resumed run (global_step t) continues exactly where the interrupted one was.
+        from ..data.stream import SampleStream, StreamSampler
+
+        trainer = self.trainer
+        steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
+        bs = self.batch_size
+
+        def next_position() -> int:  # iterations done x batch size, read when an iterator starts
+            return int(getattr(trainer, "global_step", 0) or 0) * bs if trainer is not None else 0
+
+        if steps and steps > 0:  # iteration-based (every shipped config): exact resume
+            sampler = StreamSampler(next_position, steps * bs)
+        else:  # epoch-based: epoch e reads its own stretch of the stream (resumed at epoch starts)
+            sampler = StreamSampler(0, len(ds) // bs * bs, epochs=True)
+        stream = SampleStream(ds, seed=self.seed * 16 + domain, rank=self._rank())
         return DataLoader(
-            ds, batch_size=self.batch_size, sampler=RandomSampler(ds, num_samples=num_samples),
+            stream, batch_size=self.batch_size, sampler=sampler,
             drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            worker_init_fn=worker_init,
+            # the loader's own generator: creating its iterator must not consume the global RNG
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self):
-        self._restore()
         if self.train_set is not None:  # stylize: one loader, items {"source": .., "target": ..}
-            return self._train_loader(self.train_set)
-        loaders = {"source": self._train_loader(self.source_set)}
+            return self._train_loader(self.train_set, domain=2)
+        loaders = {"source": self._train_loader(self.source_set, domain=0)}
         if self.target_set is not None:
-            loaders["target"] = self._train_loader(self.target_set)
+            loaders["target"] = self._train_loader(self.target_set, domain=1)
         return loaders
 
     def _eval_loaders(self) -> list[DataLoader]:

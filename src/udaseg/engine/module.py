@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from ..adapt.self_training import DACSConfig, SelfTraining
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NonFiniteLossError
 from ..data.classes import label_set as get_label_set
 from ..eval.inference import slide_inference, whole_inference
 from ..eval.metrics import IoUResult, SegmentationMetric
@@ -62,14 +62,89 @@ def read_segmentor_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_segmentor_weights(model: torch.nn.Module, state: dict, path: str) -> None:
-    """Load ``state`` into ``model`` (strict), naming ``path`` when it does not fit."""
-    try:
+    """Load ``state`` into ``model`` (strict); when it does not fit, say how (counts and the first
+    keys, and the file's architecture when it records one) instead of torch's full key list."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in want
+              if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if not (missing or unexpected or shapes):
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"model.init_weights: {path} does not fit this model (other backbone, head or width?): "
-            f"{exc}"
-        ) from None
+        return
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if keys:
+            more = f", ... ({len(keys)} in all)" if len(keys) > 3 else ""
+            parts.append(f"{len(keys)} {what}: {', '.join(keys[:3])}{more}")
+    arch = _recorded_architecture(path)
+    hint = (
+        f" Set model.backbone / model.head / model.head_channels (and model.hrda) to the file's "
+        f"({arch})." if arch else
+        " The file records no udaseg architecture: a checkpoint released by another code base "
+        "(DAFormer, HRDA, MIC, CISS, Refign ...) is imported with `udaseg convert` first."
+    )
+    raise CheckpointError(
+        f"model.init_weights: {path} does not fit this model: {'; '.join(parts)}.{hint}"
+    )
+
+
+def _recorded_architecture(path: str) -> str:
+    """The backbone/head/width a udaseg checkpoint or exported file records, as text."""
+    keys = ("backbone", "head", "head_channels", "num_classes")
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        else:
+            meta = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    return ", ".join(f"{k}={meta[k]}" for k in keys if k in meta)
+
+
+def _all_finite(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One device boolean: every loss term is finite (no host synchronisation by itself)."""
+    if not losses:
+        return torch.tensor(True)
+    return torch.stack([v.detach().float().reshape(()) for v in losses.values()]).isfinite().all()
+
+
+def rng_states() -> dict:
+    """torch (CPU and CUDA), numpy and Python generator states as tensors and plain values (so
+    checkpoints stay loadable with ``weights_only=True``)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state: dict) -> None:
+    """Inverse of :func:`rng_states`."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class UDAModule(L.LightningModule):
@@ -94,6 +169,11 @@ class UDAModule(L.LightningModule):
             ``{"fd": {}, "mic": {"block_size": 64}}``; they stack in the order given. Hooks are
             built after ``pretrained``/``init_weights`` are loaded, so FD's frozen copy holds the
             weights training starts from (ImageNet weights in the paper configs).
+        nonfinite: what a NaN/inf loss does. ``stop``: the run stops after that iteration with
+            an error naming the iteration and the loss terms, and no checkpoint of the poisoned
+            weights is written (checked after each iteration). ``skip``: the iteration's update
+            is dropped (optimiser and schedule not stepped) and counted in ``train/skipped``;
+            this costs one host synchronisation per iteration.
     """
 
     def __init__(
@@ -112,11 +192,14 @@ class UDAModule(L.LightningModule):
         self_training: DACSConfig | None = None,
         methods: dict[str, dict] | None = None,
         hrda: HRDAConfig | None = None,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         # dataclass settings are stored as plain dicts, so checkpoints load with weights_only=True
         optim, inference = as_config(OptimConfig, optim), as_config(InferenceConfig, inference)
         self_training, hrda = as_config(DACSConfig, self_training), as_config(HRDAConfig, hrda)
+        # (the plain arguments first: an ``ignore`` list would drop the dicts saved before it)
+        self.save_hyperparameters(ignore=["optim", "inference", "self_training", "hrda"])
         self.save_hyperparameters(
             {
                 name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
@@ -125,7 +208,6 @@ class UDAModule(L.LightningModule):
                 ).items()
             }
         )
-        self.save_hyperparameters(ignore=["optim", "inference", "self_training", "hrda"])
         get_label_set(label_set)  # fail early on a typo
         self.optim_cfg = optim or OptimConfig()
         self.inference_cfg = inference or InferenceConfig()
@@ -164,6 +246,8 @@ class UDAModule(L.LightningModule):
             detail_loss_weight=hrda.detail_loss_weight if hrda is not None else 0.1,
         )
         self.automatic_optimization = False
+        self._skipped = 0
+        self._last_losses: tuple[int, dict] | None = None
         self.val_metrics = torch.nn.ModuleDict()
         self.val_results: dict[str, IoUResult] = {}
 
@@ -183,6 +267,18 @@ class UDAModule(L.LightningModule):
         return whole_inference(self, images, out_size=out_size)
 
     # ------------------------------------------------------------------ training
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Add the random generators' states, so a resumed run draws what the interrupted one
+        would have drawn next (ClassMix classes, strong augmentation, MIC masks, dropout).
+        Refuses to save weights updated by a non-finite loss (``nonfinite: stop``)."""
+        self._check_finite("before saving a checkpoint")
+        checkpoint["udaseg_rng"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "udaseg_rng" in checkpoint:
+            set_rng_states(checkpoint["udaseg_rng"])
+
     def configure_optimizers(self):
         total = self.trainer.max_steps
         if total is None or total < 0:
@@ -197,10 +293,36 @@ class UDAModule(L.LightningModule):
         losses = self.algorithm.step(
             self.model, batch["source"], batch.get("target"), self.global_step, self.manual_backward
         )
+        self._last_losses = (self.global_step, losses)
+        if self.hparams.nonfinite == "skip" and not bool(_all_finite(losses)):  # host sync
+            opt.zero_grad(set_to_none=True)
+            self._skipped += 1
+            self.log("train/skipped", float(self._skipped))
+            self._last_losses = None
+            return
         opt.step()
         sched.step()
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name in ("src", "mix"))
+
+    def _check_finite(self, when: str) -> None:
+        """Raise NonFiniteLossError naming the iteration and terms if the last losses were NaN/inf."""
+        last = getattr(self, "_last_losses", None)
+        if last is None or self.hparams.nonfinite != "stop":
+            return
+        step, losses = last
+        if bool(_all_finite(losses)):
+            return
+        bad = {k: float(v) for k, v in losses.items() if not bool(torch.isfinite(v).all())}
+        raise NonFiniteLossError(
+            f"iteration {step}: loss term(s) {', '.join(f'{k}={v}' for k, v in bad.items())} "
+            f"are not finite; training stopped {when}, no checkpoint of these weights was written. "
+            "Lower model.optim.lr, check the inputs of this iteration, or set "
+            "model.nonfinite: skip to drop such iterations."
+        )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._check_finite("after it")
 
     # ------------------------------------------------------------------ evaluation
     def _split_names(self) -> list[str]:

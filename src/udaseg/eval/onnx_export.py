@@ -179,7 +179,9 @@ def _export_torchscript(wrapper: nn.Module, example: Tensor, opset: int, dynamic
     buf = io.BytesIO()
     dynamic_axes = None
     if dynamic:
-        out_axes = {0: "batch", 1: "height", 2: "width"} if wrapper.output == "labels" else _DYNAMIC_AXES
+        out_axes = (
+            {0: "batch", 1: "height", 2: "width"} if wrapper.output == "labels" else _DYNAMIC_AXES
+        )
         dynamic_axes = {INPUT_NAME: dict(_DYNAMIC_AXES), wrapper.output: dict(out_axes)}
     with warnings.catch_warnings():
         # the shape checks in the model (channel counts, "resize only if the size differs") are
@@ -418,7 +420,9 @@ def _read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 f"{str(path)!r}: torch.load(weights_only=True) could not read this file: {e}"
             ) from e
         if not isinstance(raw, Mapping):
-            raise CheckpointError(f"{str(path)!r}: expected a checkpoint dict, got {type(raw).__name__}")
+            raise CheckpointError(
+                f"{str(path)!r}: expected a checkpoint dict, got {type(raw).__name__}"
+            )
         hparams = raw.get("hyper_parameters") or {}
         info = {k: hparams[k] for k in (*_ARCH_KEYS, "hrda", "inference") if k in hparams}
         state = raw.get("state_dict", raw)
@@ -515,7 +519,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="example height (the fixed height with --static or fused HRDA; "
                    "default 512, HRDA: the checkpoint's inference crop)")
     p.add_argument("--width", type=int, default=None, help="example width (see --height)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help="ONNX opset (default %(default)s)")
     p.add_argument("--output", default="logits", choices=list(OUTPUTS),
                    help="graph output (default %(default)s)")
     p.add_argument("--static", action="store_true", help="fixed batch 1 and size instead of "

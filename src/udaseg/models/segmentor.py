@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from udaseg.data.classes import NUM_CLASSES
+from udaseg.errors import ConfigError
 from udaseg.models.daformer_head import DAFormerHead
 from udaseg.models.mit import MIT_VARIANTS, MixTransformer
 from udaseg.models.optim_groups import param_groups
@@ -126,12 +127,12 @@ def build_segmentor(
         FileNotFoundError: ``pretrained`` does not exist.
     """
     if backbone not in BACKBONES:
-        raise ValueError(
+        raise ConfigError(
             f"build_segmentor: unknown backbone {backbone!r}; "
             f"valid backbones: {', '.join(BACKBONES)}"
         )
     if head not in HEADS:
-        raise ValueError(f"build_segmentor: unknown head {head!r}; valid heads: {', '.join(HEADS)}")
+        raise ConfigError(f"build_segmentor: unknown head {head!r}; valid heads: {', '.join(HEADS)}")
     encoder = MixTransformer(backbone, drop_path_rate=drop_path_rate)
     if pretrained is not None:
         from udaseg.models.weights import load_backbone_weights

@@ -270,6 +270,29 @@ def guess_mit_variant(sd: Mapping[str, Tensor]) -> str | None:
     return None
 
 
+def load_checkpoint_dict(path: str | os.PathLike[str], map_location=None) -> dict:
+    """A whole training checkpoint (the dict Lightning saved), read with ``weights_only=True``;
+    a file that needs the unsafe unpickler gets a message naming the file and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {str(p)!r} (resolved: {p.resolve()})")
+    try:
+        obj = torch.load(p, map_location=map_location or "cpu", weights_only=True)
+    except Exception as e:  # the weights-only unpickler raises many types on bad input
+        reason = next((ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler" in ln),
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise CheckpointError(
+            f"{str(p)!r}: torch.load(weights_only=True) could not read this checkpoint ({reason}).\n"
+            "It is truncated, not a PyTorch checkpoint, or it pickles Python objects (a checkpoint "
+            "of another code base). udaseg's own checkpoints hold only tensors and plain values; "
+            "import a foreign one with `udaseg convert SRC DST.safetensors` (add --allow-unsafe "
+            "only for a trusted file: it executes pickled code) and pass it as model.init_weights."
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{str(p)!r}: expected a checkpoint dict, found a {type(obj).__name__}")
+    return dict(obj)
+
+
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Read a local checkpoint file into a flat ``{name: tensor}`` dict (containers unwrapped).
 
@@ -292,7 +315,10 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         try:
             return load_file(str(p), device="cpu")
         except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{str(p)!r}: not a readable .safetensors file ({e})") from e
+            raise CheckpointError(
+                f"{str(p)!r}: not a readable .safetensors file ({e}); it is damaged or truncated: "
+                "download it again, or re-export it (udaseg export-weights / udaseg convert)"
+            ) from e
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # the weights-only unpickler raises many types on bad input

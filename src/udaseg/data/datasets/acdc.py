@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import ConfigError
 from ..io import DataError
 from ..transforms import Sample
 from .base import Record, SegmentationDataset, report_missing, require_dir
@@ -72,21 +73,21 @@ class ACDC(SegmentationDataset):
         self.root = Path(root)
         self.split = split
         if split not in SPLITS:
-            raise ValueError(f"acdc: unknown split {split!r}; choose from {SPLITS}")
+            raise ConfigError(f"acdc: unknown split {split!r}; choose from {SPLITS}")
         if isinstance(conditions, str):
             conditions = (conditions,)
         unknown = [c for c in conditions if c not in CONDITIONS]
         if unknown or not conditions:
-            raise ValueError(
+            raise ConfigError(
                 f"acdc: unknown conditions {unknown or list(conditions)}; choose one or more of "
                 f"{CONDITIONS}"
             )
         self.conditions = tuple(sorted(set(conditions)))
         unknown = [v for v in views if v not in VIEW_CHOICES]
         if unknown:
-            raise ValueError(f"acdc: unknown views {unknown}; choose from {VIEW_CHOICES}")
+            raise ConfigError(f"acdc: unknown views {unknown}; choose from {VIEW_CHOICES}")
         if split == "test" and (labels or "invalid" in views):
-            raise ValueError(
+            raise ConfigError(
                 "acdc: the test split has no public ground truth (it is scored on the ACDC "
                 "server); pass labels=False and drop the 'invalid' view, or use split='val'."
             )

@@ -79,9 +79,14 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, records: list[Record], transform: Callable[[Sample], Sample] | None = None):
         if not records:
+            # the loaders set root and split before calling this: name the folder in the error
+            root, split = getattr(self, "root", None), getattr(self, "split", None)
+            where = f"the {split!r} split" if split else "the split"
+            where += f" under {root}" if root is not None else ""
             raise DataError(
-                f"{self.dataset_name}: the split is empty (no image files found). Check the "
-                "root folder and the split name."
+                f"{self.dataset_name}: {where} is empty (no image files found). "
+                "Check the root folder and the split name: the root must hold the dataset's "
+                "official layout (see the loader's docstring), with the image files in it."
             )
         self.records = records
         self.transform = transform

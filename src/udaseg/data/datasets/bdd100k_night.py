@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ...errors import ConfigError
 from ..io import DataError
 from ..transforms import Sample
 from .base import Record, SegmentationDataset, report_missing, require_dir
@@ -66,9 +67,9 @@ class BDD100kNight(SegmentationDataset):
         self.root = Path(root)
         self.split = split
         if split not in SPLITS:
-            raise ValueError(f"bdd100k_night: unknown split {split!r}; choose from {SPLITS}")
+            raise ConfigError(f"bdd100k_night: unknown split {split!r}; choose from {SPLITS}")
         if views:
-            raise ValueError(f"bdd100k_night: has no extra views (got {list(views)})")
+            raise ConfigError(f"bdd100k_night: has no extra views (got {list(views)})")
         require_dir(
             self.root / "images" / "10k",
             f"bdd100k_night root {self.root}",

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import ConfigError
 from ..io import read_grey
 from ..transforms import Sample
 from .base import Record, SegmentationDataset, report_missing, require_dir
@@ -51,7 +52,7 @@ class Cityscapes(SegmentationDataset):
         self.split = split
         unknown = [v for v in views if v not in VIEW_CHOICES]
         if unknown:
-            raise ValueError(f"cityscapes: unknown views {unknown}; choose from {VIEW_CHOICES}")
+            raise ConfigError(f"cityscapes: unknown views {unknown}; choose from {VIEW_CHOICES}")
         img_dir = require_dir(
             self.root / "leftImg8bit" / split,
             f"cityscapes root {self.root}",

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import ConfigError
 from ..io import DataError, read_grey
 from ..transforms import Sample
 from .base import Record, SegmentationDataset, report_missing, require_dir
@@ -95,7 +96,7 @@ class DarkZurich(SegmentationDataset):
         self.split = split
         unknown = [v for v in views if v not in VIEW_CHOICES]
         if unknown:
-            raise ValueError(f"dark_zurich: unknown views {unknown}; choose from {VIEW_CHOICES}")
+            raise ConfigError(f"dark_zurich: unknown views {unknown}; choose from {VIEW_CHOICES}")
         img_dir = require_dir(
             self.root / "rgb_anon" / split / condition,
             f"dark_zurich root {self.root}",
@@ -235,9 +236,18 @@ def read_pairs_file(
     return pairs
 
 
+DEPTH_FIX = (
+    "Regenerate it as an 8-bit grey PNG (values 0..255, larger = nearer), e.g. Depth Anything's "
+    "--grayscale output; rescale 16-bit, 32-bit or float maps to 0..255 first."
+)
+
+
 def read_depth(path: Path) -> np.ndarray:
-    """An 8-bit single-channel depth PNG as (H, W, 1) uint8 (larger = nearer)."""
-    return read_grey(path, "depth map", modes=("L", "RGB", "I;16", "I"))
+    """An 8-bit single-channel depth PNG as (H, W, 1) uint8 (larger = nearer).
+
+    16-bit, 32-bit and float maps are an error (converting them to 8 bits would clip every
+    value above 255 to 255 without a word)."""
+    return read_grey(path, "depth map", modes=("L", "RGB"), fix=DEPTH_FIX)
 
 
 def read_invalid_mask(path: Path) -> np.ndarray:

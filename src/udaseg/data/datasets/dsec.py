@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from ...errors import ConfigError
 from ..dsec_index import (
     EVENTS_FILE,
     INDEX_FILE,
@@ -103,14 +104,14 @@ class DSECNightSemantic(SegmentationDataset):
     ):
         self.root = Path(root)
         if split not in SPLIT_LISTS:
-            raise ValueError(
+            raise ConfigError(
                 f"dsec_night: unknown split {split!r}; choose from {sorted(SPLIT_LISTS)}"
             )
         unknown = [v for v in views if v not in VIEW_CHOICES]
         if unknown:
-            raise ValueError(f"dsec_night: unknown views {unknown}; choose from {VIEW_CHOICES}")
+            raise ConfigError(f"dsec_night: unknown views {unknown}; choose from {VIEW_CHOICES}")
         if events_bins < 1:
-            raise ValueError(f"dsec_night: events_bins must be >= 1, got {events_bins}")
+            raise ConfigError(f"dsec_night: events_bins must be >= 1, got {events_bins}")
         self.split = split
         self.with_events = "events" in views
         self.events_bins = events_bins

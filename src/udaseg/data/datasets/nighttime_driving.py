@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ...errors import ConfigError
 from ..transforms import Sample
 from .base import Record, SegmentationDataset, report_missing, require_dir
 
@@ -49,11 +50,11 @@ class NighttimeDriving(SegmentationDataset):
         self.root = Path(root)
         self.split = split
         if split not in SPLITS:
-            raise ValueError(
+            raise ConfigError(
                 f"nighttime_driving: unknown split {split!r}; the dataset only has {SPLITS}"
             )
         if views:
-            raise ValueError(f"nighttime_driving: has no extra views (got {list(views)})")
+            raise ConfigError(f"nighttime_driving: has no extra views (got {list(views)})")
         img_dir = require_dir(
             self.root / "leftImg8bit" / split / "night",
             f"nighttime_driving root {self.root}",
