@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 #: distinguishes the permutation generator from the per-sample generators
 _PERM_TAG = 0x5EED_BEEF
@@ -83,8 +83,12 @@ class SampleStream(Dataset):
             return get(index, rng) if callable(get) else self.dataset[index]
 
 
-class StreamSampler(Sampler[int]):
+class StreamSampler(DistributedSampler):
     """Yields stream positions ``start .. stop - 1``.
+
+    It is a :class:`~torch.utils.data.DistributedSampler` only by type, so that Lightning does not
+    shard it again under DDP: every rank already reads its own stream (the rank is part of the
+    stream seed), so all ranks read the same positions of different streams.
 
     ``start`` may be a callable, evaluated each time an iterator is created: the training loader
     passes "iterations done x batch size", so however often the trainer re-creates the iterator
@@ -94,6 +98,7 @@ class StreamSampler(Sampler[int]):
     """
 
     def __init__(self, start: int | Callable[[], int], stop: int, epochs: bool = False):
+        # DistributedSampler.__init__ is not called: no dataset, replicas or shuffling here
         self._start = start
         self.stop = int(stop)
         self.epochs = epochs

@@ -1,0 +1,75 @@
+"""Two CPU processes (DDP, gloo) train a few DACS iterations with RCS: both ranks end with the
+same student and teacher weights, and each rank drew its own data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+SCRIPT = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+
+    import lightning as L
+    import torch
+
+    sys.path.insert(0, {tests!r})
+    from engine.test_resume import make
+
+    out = Path({out!r})
+    L.seed_everything(0)
+    module, dm = make(Path({cs!r}), Path({dz!r}))
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.first = self.__dict__.get("first", batch["source"]["image"].clone())
+
+        def on_train_end(self, trainer, pl_module):
+            torch.save({{"student": pl_module.model.state_dict(),
+                        "teacher": pl_module.algorithm.teacher.state_dict(),
+                        "first_batch": self.first}},
+                       out / f"rank{{trainer.global_rank}}.pt")
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, default_root_dir=out, callbacks=[Record()],
+    )
+    trainer.fit(module, datamodule=dm)
+''')
+
+
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def test_two_ranks_hold_identical_weights(tiny_cityscapes, tiny_dark_zurich, tmp_path):
+    tests = Path(__file__).resolve().parents[1]
+    script = tmp_path / "ddp_run.py"
+    script.write_text(SCRIPT.format(tests=str(tests), out=str(tmp_path), cs=str(tiny_cityscapes),
+                                    dz=str(tiny_dark_zurich)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tests.parent / "src"), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for part in ("student", "teacher"):
+        assert r0[part].keys() == r1[part].keys()
+        # weights: identical (DDP all-reduces the gradients; the EMA follows identical students).
+        # BatchNorm running statistics are per rank between forwards (DDP broadcasts rank 0's
+        # at each forward; rank 0 writes the checkpoint; sync_batchnorm on GPUs makes them global)
+        weights = [k for k in r0[part] if not k.endswith(BN_STATS)]
+        assert len(weights) > 100
+        for k in weights:
+            assert torch.equal(r0[part][k], r1[part][k]), f"{part}.{k} differs between ranks"
+    # each rank read its own data stream (RCS must not draw the same crops on every rank)
+    assert not torch.equal(r0["first_batch"], r1["first_batch"])
+    # the teacher moved away from its initial copy of the student (EMA updates happened)
+    assert any(not torch.equal(r0["teacher"][k], r0["student"][k.removeprefix("model.")])
+               for k in r0["teacher"] if k.removeprefix("model.") in r0["student"])
