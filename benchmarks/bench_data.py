@@ -27,13 +27,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Figure  # noqa: E402
+import common
+from common import Figure
 
 PIPELINES = {
-    "daformer": dict(scale=(1024, 512), crop_size=(512, 512), cat_max_ratio=0.75),
-    "hrda": dict(scale=(2048, 1024), crop_size=(1024, 1024), cat_max_ratio=0.75),
-    "synthnight": dict(scale=(256, 128), crop_size=(128, 128), cat_max_ratio=0.75),
+    "daformer": {"scale": (1024, 512), "crop_size": (512, 512), "cat_max_ratio": 0.75},
+    "hrda": {"scale": (2048, 1024), "crop_size": (1024, 1024), "cat_max_ratio": 0.75},
+    "synthnight": {"scale": (256, 128), "crop_size": (128, 128), "cat_max_ratio": 0.75},
 }
 DATASETS = {
     # name: (catalogue name, folder under --data, split, labelled)
@@ -109,8 +109,8 @@ def run(args) -> Iterator[Figure]:
 
 
 def notes(args) -> list[str]:
-    return [f"{args.samples} timed samples per figure after one untimed batch; files in the OS "
-            "page cache; the training step is not running, so this is the loader's own rate"]
+    return [(f"{args.samples} timed samples per figure after one untimed batch; files in the OS "
+             "page cache; the training step is not running, so this is the loader's own rate")]
 
 
 def parser() -> argparse.ArgumentParser:

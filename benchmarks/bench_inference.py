@@ -29,9 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from bench_train_step import MODEL_KEYS, parse_size, preset_config  # noqa: E402
-from common import Figure  # noqa: E402
+import common
+from bench_train_step import MODEL_KEYS, parse_size, preset_config
+from common import Figure
 
 PRESETS = {
     # preset: (training preset whose configs build the model, image size H x W)
@@ -77,42 +77,46 @@ def build(name: str, args, device):
     return module, images, setting
 
 
-def run(args) -> Iterator[Figure]:
+def measure(name: str, args) -> Figure:
+    """One preset: build, warm up, count FLOPs, time ``--iters`` calls."""
     import torch
 
     device = args.torch_device
+    module, images, setting = build(name, args, device)
+    out_size = tuple(images.shape[-2:])
+
+    def infer():
+        with torch.inference_mode(), common.autocast(device, args.precision):
+            return module.predict_logits(images, out_size=out_size).argmax(1)
+
+    for _ in range(args.warmup):
+        infer()
+    flops = common.count_flops(infer) if args.flops else None
+    common.reset_peak_memory(device)
+    timing = common.time_it(infer, args.iters, 0, device)
+    extras = {"s/image": common.fmt(timing.mean / args.batch)}
+    if device.type != "cuda":
+        extras["s/call median"] = common.fmt(timing.median)
+    mem, mem_n = common.memory_extras(device)
+    extras.update(mem)
+    numbers = {"s_per_call": timing.mean, "calls": timing.n, **mem_n}
+    if flops:
+        fe, fn = common.flop_extras(flops, timing.mean, args)
+        extras.update(fe)
+        numbers.update(fn)
+    label = "whole" if name == "daformer" else "hr_slide"
+    return Figure(f"inference/{name}_{label}", timing.rate * args.batch, "images/s", setting,
+                  True, extras, numbers)
+
+
+def run(args) -> Iterator[Figure]:
     for name in args.presets:
-        module, images, setting = build(name, args, device)
-        out_size = tuple(images.shape[-2:])
-
-        def infer():
-            with torch.inference_mode(), common.autocast(device, args.precision):
-                return module.predict_logits(images, out_size=out_size).argmax(1)
-
-        for _ in range(args.warmup):
-            infer()
-        flops = common.count_flops(infer) if args.flops else None
-        common.reset_peak_memory(device)
-        timing = common.time_it(infer, args.iters, 0, device)
-        extras = {"s/image": common.fmt(timing.mean / args.batch)}
-        if device.type != "cuda":
-            extras["s/call median"] = common.fmt(timing.median)
-        mem, mem_n = common.memory_extras(device)
-        extras.update(mem)
-        numbers = {"s_per_call": timing.mean, "calls": timing.n, **mem_n}
-        if flops:
-            fe, fn = common.flop_extras(flops, timing.mean, args)
-            extras.update(fe)
-            numbers.update(fn)
-        label = "whole" if name == "daformer" else "hr_slide"
-        yield Figure(f"inference/{name}_{label}", timing.rate * args.batch, "images/s", setting,
-                     True, extras, numbers)
-        del module, images
+        yield measure(name, args)
 
 
 def notes(args) -> list[str]:
-    return [f"{args.iters} timed calls after {args.warmup} warm-up; eval mode, "
-            "torch.inference_mode, UDAModule.predict_logits + argmax; random init and images"]
+    return [(f"{args.iters} timed calls after {args.warmup} warm-up; eval mode, "
+             "torch.inference_mode, UDAModule.predict_logits + argmax; random init and images")]
 
 
 def parser() -> argparse.ArgumentParser:

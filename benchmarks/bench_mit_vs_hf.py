@@ -35,8 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Figure  # noqa: E402
+import common
+from common import Figure
 
 MISSING = ("bench_mit_vs_hf.py needs HuggingFace transformers, a benchmark-only dependency "
            "(not a udaseg requirement): pip install transformers")
@@ -127,77 +127,82 @@ def with_eps(model, eps: float):
     return m
 
 
-def run(args) -> Iterator[Figure]:
+def measure(variant: str, args) -> Figure:
+    """One variant: equality check, then alternating timed repetitions."""
     import torch
 
-    transformers, _, _ = import_transformers()
     device = args.torch_device
+    ours, hf, n_params = build_pair(variant, args.hf_attn, args.seed)
+    ours, hf = ours.to(device), hf.to(device)
+    size = args.size
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
+
+    # equality, fp32, eval (dropout and drop path are 0 anyway)
+    ours.eval()
+    hf.eval()
+    with torch.no_grad():
+        ref = hf_stages(hf, x)
+        got = ours(x)
+        if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in ref]:
+            raise AssertionError(f"{variant}: stage shapes differ: "
+                                 f"{[tuple(t.shape) for t in got]} vs "
+                                 f"{[tuple(t.shape) for t in ref]}")
+        diff, rel = max_diffs(got, ref)
+        diff_eps, _ = max_diffs(with_eps(ours, 1e-5)(x), ref)
+    equal = diff_eps <= args.tol
+    del ref, got
+    if not equal:
+        raise SystemExit(f"{variant}: outputs differ from HF by {diff_eps:.2e} > --tol "
+                         f"{args.tol:g} with the same LayerNorm eps")
+
+    # speed: forward + backward, ours and HF alternating
+    ours.train()
+    hf.train()
+
+    def fwd_bwd(model, stages_fn):
+        def fn():
+            model.zero_grad(set_to_none=True)
+            with common.autocast(device, args.precision):
+                outs = stages_fn(x)
+            loss = sum(o.float().mean() for o in outs)
+            loss.backward()
+        return fn
+
+    run_ours = fwd_bwd(ours, ours)
+    run_hf = fwd_bwd(hf, lambda t: hf_stages(hf, t))
+    reps = args.reps_large if variant in ("mit_b3", "mit_b4", "mit_b5") else args.reps
+    for _ in range(args.warmup):
+        run_ours()
+        run_hf()
+    t_ours: list[float] = []
+    t_hf: list[float] = []
+    for _ in range(reps):
+        for fn, times in ((run_ours, t_ours), (run_hf, t_hf)):
+            common.sync(device)
+            t0 = time.perf_counter()
+            fn()
+            common.sync(device)
+            times.append(time.perf_counter() - t0)
+    m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
+    setting = (f"{n_params / 1e6:.1f}M params, {args.batch}x3x{size}x{size}, fwd+bwd, "
+               f"HF attn {args.hf_attn}, {device.type} {args.precision}")
+    extras = {
+        "ours ms": common.fmt(1000 * m_ours), "HF ms": common.fmt(1000 * m_hf),
+        "reps": str(reps),
+        "max abs diff": f"{diff:.2e} (rel {rel:.1e}; {diff_eps:.2e} with HF's LayerNorm eps)",
+        "equal": f"yes (tol {args.tol:g})",
+    }
+    numbers = {"ours_s": m_ours, "hf_s": m_hf, "max_abs_diff": diff,
+               "max_abs_diff_same_eps": diff_eps, "equal": float(equal), "params": n_params}
+    return Figure(f"mit_vs_hf/{variant}", m_ours / m_hf, "x HF time", setting, False,
+                  extras, numbers)
+
+
+def run(args) -> Iterator[Figure]:
+    import_transformers()  # fail first, with the install hint
     for variant in args.variants:
-        ours, hf, n_params = build_pair(variant, args.hf_attn, args.seed)
-        ours, hf = ours.to(device), hf.to(device)
-        size = args.size
-        gen = torch.Generator().manual_seed(args.seed)
-        x = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
-
-        # equality, fp32, eval (dropout and drop path are 0 anyway)
-        ours.eval()
-        hf.eval()
-        with torch.no_grad():
-            ref = hf_stages(hf, x)
-            got = ours(x)
-            if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in ref]:
-                raise AssertionError(f"{variant}: stage shapes differ: "
-                                     f"{[tuple(t.shape) for t in got]} vs "
-                                     f"{[tuple(t.shape) for t in ref]}")
-            diff, rel = max_diffs(got, ref)
-            diff_eps, rel_eps = max_diffs(with_eps(ours, 1e-5)(x), ref)
-        equal = diff_eps <= args.tol
-        del ref, got
-
-        # speed: forward + backward, ours and HF alternating
-        ours.train()
-        hf.train()
-
-        def fwd_bwd(model, stages_fn):
-            def fn():
-                model.zero_grad(set_to_none=True)
-                with common.autocast(device, args.precision):
-                    outs = stages_fn(x)
-                loss = sum(o.float().mean() for o in outs)
-                loss.backward()
-            return fn
-
-        run_ours = fwd_bwd(ours, ours)
-        run_hf = fwd_bwd(hf, lambda t: hf_stages(hf, t))
-        reps = args.reps_large if variant in ("mit_b3", "mit_b4", "mit_b5") else args.reps
-        for _ in range(args.warmup):
-            run_ours()
-            run_hf()
-        t_ours, t_hf = [], []
-        for _ in range(reps):
-            for fn, times in ((run_ours, t_ours), (run_hf, t_hf)):
-                common.sync(device)
-                t0 = time.perf_counter()
-                fn()
-                common.sync(device)
-                times.append(time.perf_counter() - t0)
-        m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
-        setting = (f"{n_params / 1e6:.1f}M params, {args.batch}x3x{size}x{size}, fwd+bwd, "
-                   f"HF attn {args.hf_attn}, {device.type} {args.precision}")
-        extras = {
-            "ours ms": common.fmt(1000 * m_ours), "HF ms": common.fmt(1000 * m_hf),
-            "reps": str(reps),
-            "max abs diff": f"{diff:.2e} (rel {rel:.1e}; {diff_eps:.2e} with HF's LayerNorm eps)",
-            "equal": "yes" if equal else f"NO (tol {args.tol:g})",
-        }
-        numbers = {"ours_s": m_ours, "hf_s": m_hf, "max_abs_diff": diff,
-                   "max_abs_diff_same_eps": diff_eps, "equal": float(equal), "params": n_params}
-        yield Figure(f"mit_vs_hf/{variant}", m_ours / m_hf, "x HF time", setting, False,
-                     extras, numbers)
-        del ours, hf, x
-        if not equal:
-            raise SystemExit(f"{variant}: outputs differ from HF by {diff_eps:.2e} > --tol "
-                             f"{args.tol:g} with the same LayerNorm eps")
+        yield measure(variant, args)
 
 
 def notes(args) -> list[str]:
@@ -207,9 +212,9 @@ def notes(args) -> list[str]:
         version = transformers.__version__
     except ImportError:
         version = "missing"
-    return [f"transformers {version}; value = our median time / HF's (below 1: ours faster); "
-            f"{args.reps} alternating repetitions (b3-b5: {args.reps_large}) after "
-            f"{args.warmup} warm-up; same random weights (to_hf_mit) and input"]
+    return [(f"transformers {version}; value = our median time / HF's (below 1: ours faster); "
+             f"{args.reps} alternating repetitions (b3-b5: {args.reps_large}) after "
+             f"{args.warmup} warm-up; same random weights (to_hf_mit) and input")]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -32,8 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import Figure  # noqa: E402
+import common
+from common import Figure
 
 BASE = "configs/base/model_mitb5_daformer.yaml"
 PRESETS: dict[str, list[str]] = {
@@ -131,50 +131,54 @@ def build(name: str, args, device):
     return module, opt, sched, source, target, setting
 
 
-def run(args) -> Iterator[Figure]:
+def measure(name: str, args) -> Figure:
+    """One preset: build, warm up, count FLOPs, time ``--iters`` iterations."""
     import torch
 
     device = args.torch_device
+    module, opt, sched, source, target, setting = build(name, args, device)
+    state = {"t": 0}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with common.autocast(device, args.precision):
+            module.algorithm.step(module.model, source, target, state["t"],
+                                  lambda loss: loss.backward())
+        opt.step()
+        sched.step()
+        state["t"] += 1
+
+    for _ in range(args.warmup):
+        step()
+    flops = common.count_flops(step) if args.flops else None
+    common.reset_peak_memory(device)
+    if device.type == "cuda" and args.sync_debug:
+        torch.cuda.set_sync_debug_mode("warn")
+    timing = common.time_it(step, args.iters, 0, device)
+    if device.type == "cuda" and args.sync_debug:
+        torch.cuda.set_sync_debug_mode(0)
+    extras = {"s/it": common.fmt(timing.mean)}
+    if device.type != "cuda":
+        extras["s/it median"] = common.fmt(timing.median)
+    mem, mem_n = common.memory_extras(device)
+    extras.update(mem)
+    numbers = {"s_per_it": timing.mean, "iters": timing.n, **mem_n}
+    if flops:
+        fe, fn = common.flop_extras(flops, timing.mean, args)
+        extras.update(fe)
+        numbers.update(fn)
+    return Figure(f"train_step/{name}", timing.rate, "it/s", setting, True, extras, numbers)
+
+
+def run(args) -> Iterator[Figure]:
     for name in args.presets:
-        module, opt, sched, source, target, setting = build(name, args, device)
-        state = {"t": 0}
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with common.autocast(device, args.precision):
-                module.algorithm.step(module.model, source, target, state["t"],
-                                      lambda loss: loss.backward())
-            opt.step()
-            sched.step()
-            state["t"] += 1
-
-        for _ in range(args.warmup):
-            step()
-        flops = common.count_flops(step) if args.flops else None
-        common.reset_peak_memory(device)
-        if device.type == "cuda" and args.sync_debug:
-            torch.cuda.set_sync_debug_mode("warn")
-        timing = common.time_it(step, args.iters, 0, device)
-        if device.type == "cuda" and args.sync_debug:
-            torch.cuda.set_sync_debug_mode(0)
-        extras = {"s/it": common.fmt(timing.mean)}
-        if device.type != "cuda":
-            extras["s/it median"] = common.fmt(timing.median)
-        mem, mem_n = common.memory_extras(device)
-        extras.update(mem)
-        numbers = {"s_per_it": timing.mean, "iters": timing.n, **mem_n}
-        if flops:
-            fe, fn = common.flop_extras(flops, timing.mean, args)
-            extras.update(fe)
-            numbers.update(fn)
-        yield Figure(f"train_step/{name}", timing.rate, "it/s", setting, True, extras, numbers)
-        del module, opt, sched, source, target
+        yield measure(name, args)
 
 
 def notes(args) -> list[str]:
-    return [f"{args.iters} timed iterations after {args.warmup} warm-up; random tensors, no "
-            "loader; model/methods from configs/base/model_mitb5_daformer.yaml + "
-            "configs/benchmarks/gta2cs/<preset>.yaml, random init (no ImageNet weights)"]
+    return [(f"{args.iters} timed iterations after {args.warmup} warm-up; random tensors, no "
+             "loader; model/methods from configs/base/model_mitb5_daformer.yaml + "
+             "configs/benchmarks/gta2cs/<preset>.yaml, random init (no ImageNet weights)")]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -69,7 +70,7 @@ class Figure:
 
 def fmt(x: float) -> str:
     """A number with about 3 significant digits, trailing zeros kept (0.940, 1.20, 12.3)."""
-    if x == 0 or not (x == x):  # zero or NaN
+    if x == 0 or math.isnan(x):
         return str(x)
     a = abs(x)
     if a >= 1000:
@@ -142,9 +143,8 @@ def reset_peak_memory(device) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def peak_memory(device) -> tuple[float, str]:
@@ -364,11 +364,11 @@ def section(title: str, info: dict, figures: list[Figure], command: str, notes: 
     lines = [
         f"\n### {title}, {info['date']} ({info['host']})\n",
         f"`{command}`\n",
-        f"- machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; device "
-        f"{info['device']}, {info['threads']} torch threads; load average (1 min) "
-        f"{_load(info['load'])} before, {_load(load_after)} after",
-        f"- versions: torch {info['torch']} (CUDA {info['cuda']}), Python {info['python']}, "
-        f"udaseg {info['revision']}",
+        (f"- machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; device "
+         f"{info['device']}, {info['threads']} torch threads; load average (1 min) "
+         f"{_load(info['load'])} before, {_load(load_after)} after"),
+        (f"- versions: torch {info['torch']} (CUDA {info['cuda']}), Python {info['python']}, "
+         f"udaseg {info['revision']}"),
         *[f"- {n}" for n in notes],
         "",
         "| figure | setting | value | details |",
@@ -550,7 +550,7 @@ def compare(script: Path, args, title: str, argv: list[str] | None) -> list[Figu
     info = runs["A"][0]["machine"]
     info["revision"] = f"A = {label_a}, B = {label_b}"
     if not args.no_append:
-        notes = [f"comparison, PYTHONPATH at each revision's src/ (git worktrees)"
+        notes = ["comparison, PYTHONPATH at each revision's src/ (git worktrees)"
                  + (f", median of {args.rounds} alternating rounds" if args.rounds > 1 else ""),
                  *[f"{r}" for r in rows], *args.note]
         load_after = runs["B"][-1]["load_after"]
