@@ -386,6 +386,20 @@ class StrongAugConfig:
     sigma_per_image: bool = True
 
 
+_MEAN_STD_CACHE: dict = {}
+
+
+def _mean_std(mean, std, dtype, device) -> tuple[Tensor, Tensor]:
+    """(1, 3, 1, 1) mean/std tensors, built once per device (no host copy in each step)."""
+    key = (tuple(mean), tuple(std), dtype, str(device))
+    if key not in _MEAN_STD_CACHE:
+        _MEAN_STD_CACHE[key] = (
+            torch.tensor(mean, dtype=dtype, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, dtype=dtype, device=device).view(1, 3, 1, 1),
+        )
+    return _MEAN_STD_CACHE[key]
+
+
 def strong_augment(
     images: Tensor,
     cfg: StrongAugConfig | None = None,
@@ -422,8 +436,7 @@ def strong_augment(
         con = _uniform((b,), generator, dev, lo, hi)
         sat = _uniform((b,), generator, dev, lo, hi)
         hue = _uniform((b,), generator, dev, -min(s, 0.5), min(s, 0.5))
-        mean = torch.tensor(cfg.mean, dtype=x.dtype, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(cfg.std, dtype=x.dtype, device=dev).view(1, 3, 1, 1)
+        mean, std = _mean_std(cfg.mean, cfg.std, x.dtype, dev)
         x01 = (x * std + mean) / 255.0
         if cfg.order_per_image:
             orders = [_host_randperm(4, generator) for _ in range(b)]

@@ -30,6 +30,8 @@ class OptimConfig:
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     power: float = 1.0
+    fused: bool | None = None
+    """Fused AdamW kernel (same maths, one kernel per step); None = on when the model is on CUDA."""
 
 
 def poly_warmup_factor(t: int, total: int, cfg: OptimConfig) -> float:
@@ -44,6 +46,10 @@ def poly_warmup_factor(t: int, total: int, cfg: OptimConfig) -> float:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_iters: int):
     """AdamW over ``model``'s trainable parameters and a per-iteration LambdaLR."""
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, head_lr_mult=cfg.head_lr_mult)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    fused = cfg.fused
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"]) and len(groups) > 0
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=bool(fused) or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: poly_warmup_factor(t, total_iters, cfg))
     return opt, sched

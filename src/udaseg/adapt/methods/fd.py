@@ -171,6 +171,12 @@ class ImageNetFeatureDistance(nn.Module):
         super().__init__()
         self.cfg = cfg if cfg is not None else FDConfig()
         self.class_ids = resolve_classes(self.cfg.classes)
+        # on the module's device (moves with it): no host-to-device copy per step
+        self.register_buffer(
+            "class_id_tensor",
+            torch.tensor(self.class_ids if self.class_ids is not None else [], dtype=torch.long),
+            persistent=False,
+        )
         if num_classes is None:
             num_classes = int(getattr(student, "num_classes", NUM_CLASSES))
         self.num_classes = num_classes
@@ -206,8 +212,7 @@ class ImageNetFeatureDistance(nn.Module):
             )
         if self.class_ids is None:
             return torch.ones_like(low, dtype=torch.float32)
-        ids = torch.tensor(self.class_ids, device=low.device)
-        return torch.isin(low, ids).float()
+        return torch.isin(low, self.class_id_tensor.to(low.device)).float()
 
     @torch.no_grad()
     def imagenet_features(self, image: Tensor, like: Tensor) -> Tensor:
