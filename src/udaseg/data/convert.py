@@ -33,7 +33,6 @@ Guarantees of :func:`convert_labels`:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_write
 from .classes import CITYSCAPES_ID_TO_TRAINID, IGNORE_INDEX, NUM_CLASSES
 from .io import DataError
 from .png16 import read_png16
@@ -235,17 +235,10 @@ def write_label_atomic(path: Path, label: np.ndarray) -> None:
     """
     from PIL import Image
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(
+        path,
+        lambda f: Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)).save(f, format="PNG"),
+    )
 
 
 def _convert_one(

@@ -20,9 +20,7 @@ sequence without labels has no cut-off. Test frames: every frame with a label fi
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
+from ..fileio import atomic_write_text
 from .events import EventFile
 
 INDEX_FILE = "images/images_to_events_index.txt"
@@ -64,17 +63,7 @@ _FRAME_RE = re.compile(r"^(\d+)\.png$")
 
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def _write_if_changed(path: Path, text: str) -> bool:

@@ -65,8 +65,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -77,6 +75,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..fileio import atomic_write_json
 from .classes import IGNORE_INDEX, NUM_CLASSES
 from .datasets.base import SegmentationDataset
 from .io import DataError, read_label
@@ -219,17 +218,7 @@ def _class_items(entry: ClassStats) -> list[tuple[int, int]]:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, obj)
 
 
 def write_class_stats(root: str | Path, stats: Sequence[ClassStats]) -> None:

@@ -213,23 +213,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``weights_only=True``: udaseg checkpoints hold only tensors and plain values."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        import os
-        import tempfile
-
         import torch
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from ..fileio import atomic_write
+
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         from ..models.weights import load_checkpoint_dict

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from udaseg.data.classes import IGNORE_INDEX, palette_array
+from udaseg.fileio import atomic_write
 from udaseg.eval.metrics import IoUResult, LabelSetLike, resolve_label_set
 
 if TYPE_CHECKING:  # rich is imported lazily inside the functions
@@ -54,23 +54,7 @@ PathLike = str | os.PathLike[str]
 # --------------------------------------------------------------------------- atomic writes
 def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a temporary file next to ``path``, then ``os.replace`` it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write(path, write)
 
 
 def _atomic_write_text(path: PathLike, text: str) -> Path:

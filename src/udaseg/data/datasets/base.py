@@ -67,6 +67,29 @@ def report_missing(missing: list[str], what: str, fix: str) -> None:
         sink.append(message)
 
 
+def flat_records(
+    name: str, root: Path, img_dir: Path, label_dir: Path, labels: bool, layout: str,
+    label_suffix: str, fix: str,
+) -> list[Record]:
+    """Records of a flat ``img_dir/<stem>.png`` + ``label_dir/<stem><label_suffix>`` layout
+    (GTA5, SYNTHIA); missing folders and labels are reported with ``layout`` and ``fix``."""
+    require_dir(img_dir, f"{name} root {root}", layout)
+    if labels:
+        require_dir(label_dir, f"{name} root {root}", layout)
+    records, missing = [], []
+    for img in sorted(img_dir.glob("*.png")):
+        if img.name.startswith("."):
+            continue
+        label = None
+        if labels:
+            label = label_dir / f"{img.stem}{label_suffix}"
+            if not label.is_file():
+                missing.append(f"{img} -> {label}")
+        records.append(Record(name=img.stem, image=img, label=label))
+    report_missing(missing, f"{name} images have no train-ID label", fix)
+    return records
+
+
 class SegmentationDataset(Dataset):
     """Base class: ``records`` plus an optional joint ``transform``.
 

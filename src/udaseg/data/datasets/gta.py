@@ -31,7 +31,7 @@ from ...errors import ConfigError
 from ..classes import NUM_CLASSES
 from ..io import DataError, read_label
 from ..transforms import Sample
-from .base import Record, SegmentationDataset, report_missing, require_dir
+from .base import Record, SegmentationDataset, flat_records
 
 LABEL_SUFFIX = "_labelTrainIds.png"
 SPLITS = ("train", "all")
@@ -92,23 +92,8 @@ class GTA5(SegmentationDataset):
             "Expected <root>/images/<nnnnn>.png and <root>/labels/<nnnnn>.png; extract the GTA5 "
             "01..10_images.zip and 01..10_labels.zip archives into the root."
         )
-        img_dir = require_dir(self.root / "images", f"gta root {self.root}", layout)
-        label_dir = self.root / "labels"
-        if labels:
-            require_dir(label_dir, f"gta root {self.root}", layout)
-        records, missing = [], []
-        for img in sorted(img_dir.glob("*.png")):
-            if img.name.startswith("."):
-                continue
-            label = None
-            if labels:
-                label = label_dir / f"{img.stem}{LABEL_SUFFIX}"
-                if not label.is_file():
-                    missing.append(f"{img} -> {label}")
-            records.append(Record(name=img.stem, image=img, label=label))
-        report_missing(
-            missing,
-            "gta images have no train-ID label",
+        records = flat_records(
+            "gta", self.root, self.root / "images", self.root / "labels", labels, layout, LABEL_SUFFIX,
             "Run `udaseg prepare gta <root>` to write the labels/*_labelTrainIds.png files from "
             "the raw labels/<nnnnn>.png (extract 01..10_labels.zip first if those are missing too).",
         )

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 from ..transforms import Sample
-from .base import Record, SegmentationDataset, report_missing, require_dir
+from .base import SegmentationDataset, flat_records
 
 LABEL_SUFFIX = "_labelTrainIds.png"
 SPLITS = ("train", "all")
@@ -63,23 +63,8 @@ class Synthia(SegmentationDataset):
             "Expected <root>/RGB/<nnnnnnn>.png and <root>/GT/LABELS/<nnnnnnn>.png; extract "
             "SYNTHIA_RAND_CITYSCAPES.rar so that its RGB/ and GT/ folders are in the root."
         )
-        img_dir = require_dir(self.root / "RGB", f"synthia root {self.root}", layout)
-        label_dir = self.root / "GT" / "LABELS"
-        if labels:
-            require_dir(label_dir, f"synthia root {self.root}", layout)
-        records, missing = [], []
-        for img in sorted(img_dir.glob("*.png")):
-            if img.name.startswith("."):
-                continue
-            label = None
-            if labels:
-                label = label_dir / f"{img.stem}{LABEL_SUFFIX}"
-                if not label.is_file():
-                    missing.append(f"{img} -> {label}")
-            records.append(Record(name=img.stem, image=img, label=label))
-        report_missing(
-            missing,
-            "synthia images have no train-ID label",
+        records = flat_records(
+            "synthia", self.root, self.root / "RGB", self.root / "GT" / "LABELS", labels, layout, LABEL_SUFFIX,
             "Run `udaseg prepare synthia <root>` to write the GT/LABELS/*_labelTrainIds.png files "
             "from the raw 16-bit GT/LABELS/<nnnnnnn>.png.",
         )
