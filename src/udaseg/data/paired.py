@@ -27,8 +27,9 @@ into the training batch ``{"source": batch, "target": batch}`` of the UDA loop, 
 ``batch[d]["stylized"]`` a (B, 3, H, W) float tensor next to ``batch[d]["image"]``.
 
 The datasets' own ``transform`` is not used (the pipelines are given as :class:`PipelineConfig`).
-Random crops and flips use torch's global generator like every transform (seeded per worker by
-Lightning); the pair draws use numpy generators (see :meth:`PairedDataset.seed_worker`).
+In training the pair draws and the random crops/flips come from the per-position generators of
+:class:`udaseg.data.stream.SampleStream` (:meth:`PairedDataset.get`); used on its own the
+dataset draws from its own numpy generators (:meth:`PairedDataset.seed_worker`).
 """
 
 from __future__ import annotations

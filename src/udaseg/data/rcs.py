@@ -48,16 +48,11 @@ Differences from the reference:
 * The class/file draws use the sampler's own :class:`numpy.random.Generator`, which is saved in
   :meth:`RareClassDataset.state_dict`; the crops use torch's global generator like every transform.
 
-Seeding in DDP and DataLoader workers: every rank (and every worker of a rank) must draw from a
-different stream, otherwise all ranks sample the same classes and files. Call
-``dataset.seed_worker(0, rank=rank, base_seed=seed)`` when building the loader, and pass
-``worker_init_fn=functools.partial(dataset.seed_worker, rank=rank, base_seed=seed)`` when
-``num_workers > 0`` (workers hold copies of the dataset; the partial is pickled together with the
-dataset, so it seeds the worker's copy). With non-persistent workers the copies restart from the
-same seed every epoch; use ``persistent_workers=True`` or ``base_seed=None`` (then the worker's
-``torch.initial_seed()``, which the DataLoader changes every epoch, is mixed in). The generator
-state in :meth:`RareClassDataset.state_dict` is exact only for draws made in the process that
-holds it (``num_workers=0``).
+Seeding: training goes through :class:`udaseg.data.stream.SampleStream`, which hands
+:meth:`RareClassDataset.get` one generator per stream position (derived from the seed, the rank
+and the position), so draws are reproducible with any number of workers and ranks, and a resumed
+run continues exactly. Used on its own (``dataset[i]``), the sampler draws from its own generator
+(:meth:`state_dict`, :meth:`seed_worker` for per-rank/per-worker streams).
 """
 
 from __future__ import annotations
