@@ -65,7 +65,6 @@ def test_data(bench, tiny_cityscapes):
 
 
 def test_mit_vs_hf_equal_outputs(bench):
-    pytest.importorskip("transformers")
     mod = bench("bench_mit_vs_hf")
     figs = mod.main(["--variants", "mit_tiny", "--size", "64", "--reps", "1", "--threads", "1",
                      "--no-append"])
