@@ -320,26 +320,11 @@ def read_checkpoint(path: str | os.PathLike[str], allow_unsafe: bool = False) ->
         FileNotFoundError: no such file.
         CheckpointError: unreadable file, pickled objects without ``allow_unsafe``, or no tensors.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"checkpoint file not found: {str(p)!r} (resolved: {p.resolve()}); weights are only "
-            "read from local files, download them first"
-        )
+    from .weights import read_safetensors, require_weights_file
+
+    p = require_weights_file(path)
     if p.suffix == ".safetensors":
-        try:
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(
-                f"reading {str(p)!r} needs the safetensors package: pip install safetensors"
-            ) from None
-        try:
-            tensors = load_file(str(p), device="cpu")
-            with safe_open(str(p), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-        except Exception as e:
-            raise CheckpointError(f"{str(p)!r}: not a readable .safetensors file ({e})") from e
+        tensors, metadata = read_safetensors(p)
         return RawCheckpoint(str(p), tensors, metadata=metadata)
 
     unsafe, placeholders = False, []

@@ -293,32 +293,46 @@ def load_checkpoint_dict(path: str | os.PathLike[str], map_location=None) -> dic
     return dict(obj)
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a local checkpoint file into a flat ``{name: tensor}`` dict (containers unwrapped).
-
-    ``.safetensors`` is read with the ``safetensors`` package (imported lazily); anything else with
-    ``torch.load(path, map_location="cpu", weights_only=True)``.
-    """
+def require_weights_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path, or FileNotFoundError saying weights are read from local files only."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(
             f"checkpoint file not found: {str(p)!r} (resolved: {p.resolve()}); weights are only "
             "read from local files, download them first"
         )
+    return p
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a ``.safetensors`` file, with errors naming the file and the fix."""
+    p = str(path)
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError(f"reading {p!r} needs the safetensors package: pip install safetensors") from None
+    try:
+        tensors = load_file(p, device="cpu")
+        with safe_open(p, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(
+            f"{p!r}: not a readable .safetensors file ({e}); it is damaged or truncated: "
+            "download it again, or re-export it (udaseg export-weights / udaseg convert)"
+        ) from e
+    return tensors, metadata
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a local checkpoint file into a flat ``{name: tensor}`` dict (containers unwrapped).
+
+    ``.safetensors`` is read with the ``safetensors`` package (imported lazily); anything else with
+    ``torch.load(path, map_location="cpu", weights_only=True)``.
+    """
+    p = require_weights_file(path)
     if p.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(
-                f"reading {str(p)!r} needs the safetensors package: pip install safetensors"
-            ) from None
-        try:
-            return load_file(str(p), device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(
-                f"{str(p)!r}: not a readable .safetensors file ({e}); it is damaged or truncated: "
-                "download it again, or re-export it (udaseg export-weights / udaseg convert)"
-            ) from e
+        return read_safetensors(p)[0]
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # the weights-only unpickler raises many types on bad input
