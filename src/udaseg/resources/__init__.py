@@ -1,0 +1,1 @@
+"""Packaged data files (the demo's SynthNight source model)."""
