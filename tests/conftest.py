@@ -24,11 +24,9 @@ def random_label(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return lab
 
 
-@pytest.fixture
-def tiny_cityscapes(tmp_path: Path) -> Path:
-    """3 train + 2 val images in Cityscapes' layout (32x64)."""
+def make_tiny_cityscapes(root: Path) -> Path:
+    """3 train + 2 val images in Cityscapes' layout (32x64) under ``root``."""
     rng = np.random.default_rng(0)
-    root = tmp_path / "cityscapes"
     for split, n in (("train", 3), ("val", 2)):
         for i in range(n):
             stem = f"aachen_{i:06d}_000019"
@@ -37,6 +35,12 @@ def tiny_cityscapes(tmp_path: Path) -> Path:
             write_png(root / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelTrainIds.png",
                       random_label(rng, 32, 64))
     return root
+
+
+@pytest.fixture
+def tiny_cityscapes(tmp_path: Path) -> Path:
+    """3 train + 2 val images in Cityscapes' layout (32x64)."""
+    return make_tiny_cityscapes(tmp_path / "cityscapes")
 
 
 @pytest.fixture

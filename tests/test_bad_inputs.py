@@ -26,7 +26,7 @@ from udaseg.data.datasets.dark_zurich import DarkZurich
 from udaseg.engine.cli import main
 from udaseg.errors import ConfigError, DataError
 
-from .conftest import random_label, write_png
+from .conftest import make_tiny_cityscapes, write_png
 
 MAX_MESSAGE = 1500
 """An error longer than this (characters, from ``error:`` on) is a wall of text, not a message."""
@@ -55,19 +55,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def load_all(ds) -> None:
     for i in range(len(ds)):
         ds[i]
-
-
-def make_cityscapes(root: Path) -> Path:
-    """Like conftest's ``tiny_cityscapes`` (3 train + 2 val, 32x64), at any root."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 3), ("val", 2)):
-        for i in range(n):
-            stem = f"aachen_{i:06d}_000019"
-            write_png(root / "leftImg8bit" / split / "aachen" / f"{stem}_leftImg8bit.png",
-                      rng.integers(0, 255, (32, 64, 3), dtype=np.uint8))
-            write_png(root / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelTrainIds.png",
-                      random_label(rng, 32, 64))
-    return root
 
 
 def check_message(msg: str, culprit: str, fix: str) -> None:
@@ -249,7 +236,7 @@ def dataset_copy(request, tmp_path):
     """The tiny dataset named by the case (a fresh copy per test)."""
     name = request.param
     if name == "cityscapes":
-        return make_cityscapes(tmp_path / "cityscapes")
+        return make_tiny_cityscapes(tmp_path / "cityscapes")
     return request.getfixturevalue("tiny_dark_zurich")
 
 
@@ -273,7 +260,7 @@ CHECK_CASES = [c for c in DATA_CASES if c.check]
 
 @pytest.mark.parametrize("case", CHECK_CASES, ids=[c.id for c in DATA_CASES if c.check])
 def test_prepare_check_lists_the_problem_and_writes_nothing(case: DataCase, tmp_path):
-    root = make_cityscapes(tmp_path / "cityscapes")
+    root = make_tiny_cityscapes(tmp_path / "cityscapes")
     culprits = case.breaker(root)
     before = snapshot(root)
     rc, out, err = run_cli(["prepare", "cityscapes", str(root), "--check", "--quiet",
@@ -364,7 +351,7 @@ def shared(tmp_path_factory) -> dict[str, Path]:
     from udaseg.engine.module import UDAModule
 
     base = tmp_path_factory.mktemp("bad_inputs")
-    files = {"cityscapes": make_cityscapes(base / "cityscapes")}
+    files = {"cityscapes": make_tiny_cityscapes(base / "cityscapes")}
     # a udaseg checkpoint of another architecture (DAFormer head; the configs below use SegFormer)
     other = UDAModule(backbone="mit_tiny", head="daformer", head_channels=16)
     files["other_arch"] = base / "daformer_tiny.ckpt"
@@ -513,7 +500,7 @@ def failed_fit(shared, tmp_path_factory) -> dict:
     within the run, possibly after some optimiser steps.
     """
     base = tmp_path_factory.mktemp("failed_fit")
-    root = make_cityscapes(base / "cityscapes")
+    root = make_tiny_cityscapes(base / "cityscapes")
     broken = truncate(root / CS_LAB)
     out = base / "out"
     for rel, data in OLD_FILES.items():
@@ -548,7 +535,7 @@ def test_failed_fit_keeps_the_previous_config(failed_fit):
 
 
 def test_broken_file_read_in_a_loader_worker_is_one_line(tmp_path):
-    root = make_cityscapes(tmp_path / "cityscapes")
+    root = make_tiny_cityscapes(tmp_path / "cityscapes")
     broken = truncate(root / CS_LAB)
     cfg = write_fit_config(tmp_path / "c.yaml", root, tmp_path / "out", num_workers=1,
                            max_steps=3)

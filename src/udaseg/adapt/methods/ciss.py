@@ -509,6 +509,19 @@ def _add(total: Tensor | None, term: Tensor) -> Tensor:
     return term if total is None else total + term
 
 
+def _sum_parts(ctx: StepContext, parts: dict[str, Tensor], like: Tensor) -> Tensor:
+    """The sum of a hook's terms (a graph-connected zero when there are none); with more than
+    one term each is also logged under its own name."""
+    if not parts:
+        return like.sum() * 0.0
+    if len(parts) > 1:
+        ctx.losses.update({k: v.detach() for k, v in parts.items()})
+    total = None
+    for v in parts.values():
+        total = _add(total, v)
+    return total
+
+
 class CISSSourceLoss:
     """Source stage of CISS (log name ``ciss_src``): lambda_s * L_inv(x_s, x~_s) and the source
     CE adjustments (stylised CE, averaging, dropping the original CE; module docstring).
@@ -553,14 +566,7 @@ class CISSSourceLoss:
             ce = _add(ce, self.ce_stylized * self.loop_ce.plain(ctx, out_sty, label, None))
         if ce is not None:
             parts["ciss_src_ce"] = ce
-        if not parts:
-            return ctx.source_out.logits.sum() * 0.0
-        if len(parts) > 1:
-            ctx.losses.update({k: v.detach() for k, v in parts.items()})
-        total = None
-        for v in parts.values():
-            total = _add(total, v)
-        return total
+        return _sum_parts(ctx, parts, ctx.source_out.logits)
 
 
 class CISSTargetLoss:
@@ -656,14 +662,7 @@ class CISSTargetLoss:
             ce = _add(ce, count * self.loop_ce.plain(ctx, self.view_output(ctx, styles), label, weight))
         if ce is not None:
             parts["ciss_trg_ce"] = ce
-        if not parts:
-            return ctx.mixed_out.logits.sum() * 0.0
-        if len(parts) > 1:
-            ctx.losses.update({k: v.detach() for k, v in parts.items()})
-        total = None
-        for v in parts.values():
-            total = _add(total, v)
-        return total
+        return _sum_parts(ctx, parts, ctx.mixed_out.logits)
 
 
 class StylizedPseudoLabels:
