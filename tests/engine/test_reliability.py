@@ -110,6 +110,25 @@ def test_nan_loss_stops_naming_iteration_and_term_without_a_poisoned_checkpoint(
     assert saved == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"]  # nothing after the NaN
 
 
+def test_nan_flag_is_read_one_iteration_later_and_at_the_end(
+        tiny_cityscapes, tiny_dark_zurich, tmp_path):
+    """The host reads iteration t's finite flag after queueing iteration t + 1 (no wait on
+    the iteration just launched); a NaN in the last iteration is still caught at the end."""
+    L.seed_everything(0)
+    module, dm = make(tiny_cityscapes, tiny_dark_zurich)
+    poison_once(module, at=2)
+    t = trainer(tmp_path, 8, enable_checkpointing=False)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 2: .* stopped after iteration 3"):
+        t.fit(module, datamodule=dm)
+    assert t.global_step == 4  # iterations 0..3 ran, not 8
+
+    L.seed_everything(0)
+    module, dm = make(tiny_cityscapes, tiny_dark_zurich)
+    poison_once(module, at=4)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 4: .* at the end of training"):
+        trainer(tmp_path, 5, enable_checkpointing=False).fit(module, datamodule=dm)
+
+
 def test_nan_loss_can_skip_the_update(tiny_cityscapes, tiny_dark_zurich, tmp_path):
     L.seed_everything(0)
     module, dm = make(tiny_cityscapes, tiny_dark_zurich)

@@ -3,7 +3,8 @@
 * :class:`SubmissionWriter`: predictions in the benchmark servers' formats;
 * :class:`AtomicCheckpointIO`: checkpoints written atomically, read with ``weights_only=True``;
 * :class:`PreemptionCheckpoint`: SIGTERM writes ``last.ckpt`` and stops cleanly;
-* :class:`SaveConfigKeepingPrevious`: never overwrites an earlier run's ``config.yaml``.
+* :class:`SaveConfigKeepingPrevious`: never overwrites an earlier run's ``config.yaml``;
+* :class:`ProgressBar`: Lightning's rich bar, reading the logged losses every N iterations only.
 
 :class:`SubmissionWriter` turns ``udaseg predict`` into a benchmark-server submission: it writes
 what :meth:`udaseg.engine.module.UDAModule.predict_step` returns (train IDs and confidence at the
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -254,3 +255,29 @@ class PreemptionCheckpoint(L.Callback):
                 f"udaseg: SIGTERM received; saved {self.saved} at iteration {trainer.global_step}. "
                 f"Resume with --ckpt_path {self.saved}"
             )
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's :class:`~lightning.pytorch.callbacks.RichProgressBar` that reads the logged
+    training values (``train/src``, ``train/mix``) every ``metrics_every`` iterations.
+
+    Lightning's bar converts them to Python numbers after every batch, which on a GPU is a
+    host-device synchronisation per iteration (the host then waits for the iteration to finish
+    instead of queueing the next one). Here the displayed values are refreshed every
+    ``metrics_every`` iterations (and at the end of each epoch and validation); the bar itself
+    still advances every iteration.
+    """
+
+    def __init__(self, metrics_every: int = 10, **kwargs: Any):
+        super().__init__(**kwargs)
+        if metrics_every < 1:
+            raise ValueError(f"ProgressBar: metrics_every must be >= 1, got {metrics_every}")
+        self.metrics_every = metrics_every
+        self._shown: dict | None = None
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        fresh = (not trainer.training or self._shown is None
+                 or trainer.global_step % self.metrics_every == 0)
+        if fresh:
+            self._shown = super().get_metrics(trainer, pl_module)
+        return self._shown

@@ -161,8 +161,10 @@ def train_and_evaluate(
     Returns (module, datamodule, results, loss curves).
     """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
+
+    from .callbacks import ProgressBar
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, run, init_weights)
@@ -180,7 +182,7 @@ def train_and_evaluate(
         logger=logger,
         log_every_n_steps=max(1, min(10, steps // 10)),
         callbacks=[
-            RichProgressBar(leave=True),
+            ProgressBar(leave=True),
             ModelCheckpoint(dirpath=out / "checkpoints" / name, filename="last", save_last=False),
         ],
         enable_model_summary=False,
@@ -193,7 +195,7 @@ def train_and_evaluate(
     if not evaluate:
         return module, dm, {}, curves
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, callbacks=[RichProgressBar(leave=True)],
+        accelerator="cpu", devices=1, logger=False, callbacks=[ProgressBar(leave=True)],
         enable_model_summary=False,
     )
     trainer.validate(module, datamodule=dm, verbose=False)

@@ -38,6 +38,40 @@ class InferenceConfig:
     stride: tuple[int, int] = (341, 341)
 
 
+@dataclass
+class SpeedConfig:
+    """Speed switches that leave the maths unchanged. The precision is the trainer's flag
+    (``--trainer.precision bf16-mixed``: bf16 autocast, losses and softmax statistics in fp32);
+    fused AdamW is ``model.optim.fused``. All off by default: on this project's CPU machines
+    neither pays (benchmarks/results.md); on GPUs measure with ``benchmarks/bench_train_step.py``.
+    """
+
+    channels_last: bool = False
+    """Convolution weights channels-last (NHWC); the backbone stores its input images the same
+    way and its feature maps stay views of its tokens. Helps cuDNN convolutions under bf16."""
+    compile: bool = False
+    """``torch.compile`` (in place, :meth:`torch.nn.Module.compile`: state-dict keys unchanged)
+    every backbone, decode head and scale-attention head: the student's and their copies (EMA
+    teacher, FD's ImageNet backbone). The random HRDA crop and the mixing stay eager."""
+    compile_mode: str | None = None
+    """``torch.compile`` mode: None (default), ``reduce-overhead``, ``max-autotune``."""
+    compile_backend: str = "inductor"
+    """``torch.compile`` backend (``aot_eager`` traces without generating kernels: for tests)."""
+
+
+def compile_networks(root: torch.nn.Module, student: torch.nn.Module, **kwargs) -> int:
+    """Compile in place every submodule of ``root`` whose type is that of ``student``'s
+    backbone, decode head or scale-attention head (so the EMA teacher's and FD's copies are
+    compiled too, whatever method made them); returns how many were compiled."""
+    parts = (getattr(student, name, None)
+             for name in ("backbone", "decode_head", "scale_attention_head"))
+    kinds = {type(m) for m in parts if isinstance(m, torch.nn.Module)}
+    found = [m for m in root.modules() if type(m) in kinds]
+    for m in found:
+        m.compile(**kwargs)
+    return len(found)
+
+
 def as_config(cls, value):
     """``value`` as a ``cls`` dataclass (accepts an instance, a dict of its fields, or None)."""
     if value is None or isinstance(value, cls):
@@ -165,15 +199,18 @@ class UDAModule(L.LightningModule):
         inference: whole-image or sliding-window evaluation.
         self_training: DACS settings; None trains on the source only.
         hrda: wrap the segmentor in HRDA multi-resolution training/inference (None = single scale).
+        speed: channels-last and ``torch.compile`` switches (:class:`SpeedConfig`).
         methods: method name (see ``udaseg.catalog.METHODS``) -> its settings, e.g.
             ``{"fd": {}, "mic": {"block_size": 64}}``; they stack in the order given. Hooks are
             built after ``pretrained``/``init_weights`` are loaded, so FD's frozen copy holds the
             weights training starts from (ImageNet weights in the paper configs).
-        nonfinite: what a NaN/inf loss does. ``stop``: the run stops after that iteration with
-            an error naming the iteration and the loss terms, and no checkpoint of the poisoned
-            weights is written (checked after each iteration). ``skip``: the iteration's update
-            is dropped (optimiser and schedule not stepped) and counted in ``train/skipped``;
-            this costs one host synchronisation per iteration.
+        nonfinite: what a NaN/inf loss does. ``stop``: the run stops with an error naming the
+            iteration and the loss terms, and no checkpoint of the poisoned weights is written.
+            The check reads each iteration's flag one iteration later (so the host never waits
+            for the iteration it has just queued on the GPU: at most one more iteration runs),
+            and reads every pending flag before a checkpoint is saved and when training ends.
+            ``skip``: the iteration's update is dropped (optimiser and schedule not stepped)
+            and counted in ``train/skipped``; this costs one host synchronisation per iteration.
     """
 
     def __init__(
@@ -193,23 +230,28 @@ class UDAModule(L.LightningModule):
         methods: dict[str, dict] | None = None,
         hrda: HRDAConfig | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
+        speed: SpeedConfig | None = None,
     ):
         super().__init__()
         # dataclass settings are stored as plain dicts, so checkpoints load with weights_only=True
         optim, inference = as_config(OptimConfig, optim), as_config(InferenceConfig, inference)
         self_training, hrda = as_config(DACSConfig, self_training), as_config(HRDAConfig, hrda)
+        speed = as_config(SpeedConfig, speed) or SpeedConfig()
         # (the plain arguments first: an ``ignore`` list would drop the dicts saved before it)
-        self.save_hyperparameters(ignore=["optim", "inference", "self_training", "hrda"])
+        self.save_hyperparameters(ignore=["optim", "inference", "self_training", "hrda", "speed"])
         self.save_hyperparameters(
             {
                 name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
                 for name, value in dict(
-                    optim=optim, inference=inference, self_training=self_training, hrda=hrda
+                    optim=optim, inference=inference, self_training=self_training, hrda=hrda,
+                    speed=speed,
                 ).items()
             }
         )
         get_label_set(label_set)  # fail early on a typo
         self.optim_cfg = optim or OptimConfig()
+        self.speed_cfg = speed
+        self._speed_applied = False
         self.inference_cfg = inference or InferenceConfig()
         self.model = build_segmentor(
             backbone=backbone,
@@ -247,7 +289,8 @@ class UDAModule(L.LightningModule):
         )
         self.automatic_optimization = False
         self._skipped = 0
-        self._last_losses: tuple[int, dict] | None = None
+        # (iteration, loss terms, finite flag on the device) not read on the host yet
+        self._pending: list[tuple[int, dict, torch.Tensor]] = []
         self.val_metrics = torch.nn.ModuleDict()
         self.val_results: dict[str, IoUResult] = {}
 
@@ -266,13 +309,26 @@ class UDAModule(L.LightningModule):
             )
         return whole_inference(self, images, out_size=out_size)
 
+    # ------------------------------------------------------------------ speed switches
+    def configure_model(self) -> None:
+        """Apply :class:`SpeedConfig` once, before the optimiser and any DDP wrapper exist."""
+        if self._speed_applied:
+            return
+        self._speed_applied = True
+        cfg = self.speed_cfg
+        if cfg.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            compile_networks(self, self.model, mode=cfg.compile_mode, backend=cfg.compile_backend)
+
+
     # ------------------------------------------------------------------ training
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Add the random generators' states, so a resumed run draws what the interrupted one
         would have drawn next (ClassMix classes, strong augmentation, MIC masks, dropout).
         Refuses to save weights updated by a non-finite loss (``nonfinite: stop``)."""
-        self._check_finite("before saving a checkpoint")
+        self._check_finite("before saving a checkpoint")  # every pending flag
         checkpoint["udaseg_rng"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -290,39 +346,48 @@ class UDAModule(L.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
+        step = self.global_step
         losses = self.algorithm.step(
-            self.model, batch["source"], batch.get("target"), self.global_step, self.manual_backward
+            self.model, batch["source"], batch.get("target"), step, self.manual_backward
         )
-        self._last_losses = (self.global_step, losses)
-        if self.hparams.nonfinite == "skip" and not bool(_all_finite(losses)):  # host sync
-            opt.zero_grad(set_to_none=True)
-            self._skipped += 1
-            self.log("train/skipped", float(self._skipped))
-            self._last_losses = None
-            return
+        if self.hparams.nonfinite == "skip":
+            if not bool(_all_finite(losses)):  # host sync
+                opt.zero_grad(set_to_none=True)
+                self._skipped += 1
+                self.log("train/skipped", float(self._skipped))
+                return
+        else:
+            self._pending.append((step, losses, _all_finite(losses)))  # read later, no sync here
         opt.step()
         sched.step()
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name in ("src", "mix"))
 
-    def _check_finite(self, when: str) -> None:
-        """Raise NonFiniteLossError naming the iteration and terms if the last losses were NaN/inf."""
-        last = getattr(self, "_last_losses", None)
-        if last is None or self.hparams.nonfinite != "stop":
-            return
-        step, losses = last
-        if bool(_all_finite(losses)):
-            return
-        bad = {k: float(v) for k, v in losses.items() if not bool(torch.isfinite(v).all())}
-        raise NonFiniteLossError(
-            f"iteration {step}: loss term(s) {', '.join(f'{k}={v}' for k, v in bad.items())} "
-            f"are not finite; training stopped {when}, no checkpoint of these weights was written. "
-            "Lower model.optim.lr, check the inputs of this iteration, or set "
-            "model.nonfinite: skip to drop such iterations."
-        )
+    def _check_finite(self, when: str, keep_newest: int = 0) -> None:
+        """Read the pending finite flags (all but ``keep_newest``); raise NonFiniteLossError
+        naming the iteration and terms of the first NaN/inf one (``nonfinite: stop``)."""
+        while len(self._pending) > keep_newest:
+            step, losses, finite = self._pending.pop(0)
+            if bool(finite):  # host sync (on an iteration the device has finished or nearly so)
+                continue
+            self._pending.clear()
+            bad = {k: float(v) for k, v in losses.items() if not bool(torch.isfinite(v).all())}
+            raise NonFiniteLossError(
+                f"iteration {step}: loss term(s) {', '.join(f'{k}={v}' for k, v in bad.items())} "
+                f"are not finite; training stopped {when}, no checkpoint of these weights was "
+                "written. Lower model.optim.lr, check the inputs of this iteration, or set "
+                "model.nonfinite: skip to drop such iterations."
+            )
+
+    def on_train_start(self) -> None:
+        self._pending.clear()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self._check_finite("after it")
+        # the newest flag is read after the next iteration has been queued
+        self._check_finite(f"after iteration {self.global_step - 1}", keep_newest=1)
+
+    def on_train_end(self) -> None:
+        self._check_finite("at the end of training")
 
     # ------------------------------------------------------------------ evaluation
     def _split_names(self) -> list[str]:

@@ -31,6 +31,7 @@ __all__ = [
     "MLP",
     "init_transformer_weights",
     "kaiming_init_conv",
+    "memory_format_of",
     "normal_init",
     "resize",
 ]
@@ -198,3 +199,11 @@ def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` if the 4-D ``x`` is stored channels-last (and not also plain
+    contiguous, as 1x1 maps or a single channel are), else ``torch.contiguous_format``."""
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from udaseg.models.layers import DropPath, init_transformer_weights
+from udaseg.models.layers import DropPath, init_transformer_weights, memory_format_of
 
 __all__ = [
     "MiTConfig",
@@ -307,18 +307,24 @@ class MixTransformer(nn.Module):
         """Images ``(B, in_chans, H, W)`` -> ``[F_1, .., F_4]``, ``F_i`` is ``(B, C_i, H_i, W_i)``.
 
         ``H_1 = ceil(H / 4)``, ``H_{i+1} = ceil(H_i / 2)`` (e.g. 512 -> 128, 64, 32, 16).
+        Images are stored in the memory format of the first convolution's weight, and the
+        feature maps follow it: channels-last weights (``model.to(memory_format=
+        torch.channels_last)``) give channels-last maps that are views of the tokens, no copy.
         """
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
                 f"MixTransformer({self.variant}) expects images of shape "
                 f"(B, {self.in_chans}, H, W), got {tuple(x.shape)}"
             )
+        fmt = memory_format_of(self.patch_embed1.proj.weight)
+        x = x.contiguous(memory_format=fmt)
         outs: list[Tensor] = []
         for i in range(1, 5):
             tokens, h, w = getattr(self, f"patch_embed{i}")(x)
             for blk in getattr(self, f"block{i}"):
                 tokens = blk(tokens, h, w)
             tokens = getattr(self, f"norm{i}")(tokens)
-            x = tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+            x = tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
+            x = x.contiguous(memory_format=fmt)
             outs.append(x)
         return outs

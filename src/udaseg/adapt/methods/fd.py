@@ -91,7 +91,9 @@ def downscale_label_ratio(
     label = label.long()
     valid = (label >= 0) & (label < num_classes)
     bins = torch.where(valid, label, torch.full_like(label, num_classes))  # ignore -> bin K
-    one_hot = F.one_hot(bins, num_classes + 1).permute(0, 3, 1, 2).float()  # (B, K+1, H, W)
+    # one-hot by scatter: F.one_hot validates the values with a host read on CPU tensors
+    one_hot = label.new_zeros((label.shape[0], num_classes + 1, *label.shape[1:]), dtype=torch.float)
+    one_hot.scatter_(1, bins.unsqueeze(1), 1.0)  # (B, K+1, H, W)
     frac = F.avg_pool2d(one_hot, kernel_size=scale, stride=scale)  # (B, K+1, h, w)
     ratio, cls = frac.max(dim=1)
     ignore = (cls == num_classes) | (ratio < min_ratio)
