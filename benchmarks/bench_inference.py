@@ -62,7 +62,11 @@ def build(name: str, args, device):
         inference["stride"] = list(parse_size(args.stride)) if args.stride else [
             round(s * args.scale) for s in inference["stride"]]
     torch.manual_seed(args.seed)
+    speed = common.speed_config(args)
+    if speed is not None:
+        model_cfg["speed"] = speed
     module = UDAModule(pretrained=None, inference=inference, **model_cfg).to(device).eval()
+    module.configure_model()  # channels-last / compile (as the Trainer does)
     images = torch.randn(args.batch, 3, h, w, generator=torch.Generator().manual_seed(args.seed))
     images = images.to(device)
     mode = "whole image"
@@ -73,7 +77,7 @@ def build(name: str, args, device):
             dh, dw = module.model.detail_crop_size(ch, cw)
             mode += f", HRDA context x{module.model.cfg.context_scale} detail {dh}x{dw}"
     setting = (f"{model_cfg['backbone']}+{model_cfg['head']}, {w}x{h} (WxH), {mode}, "
-               f"batch {args.batch}, {device.type} {args.precision}")
+               f"batch {args.batch}, {device.type} {common.speed_label(args)}")
     return module, images, setting
 
 

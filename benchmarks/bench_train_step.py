@@ -22,6 +22,10 @@ CPU figure: the full B5 at 512 takes minutes per iteration on a small CPU).
     python benchmarks/bench_train_step.py --presets daformer source_only \\
         --backbone mit_b0 --crop 256 --iters 5 --warmup 2
     python benchmarks/bench_train_step.py --device cuda --precision bf16 --iters 50
+    python benchmarks/bench_train_step.py --device cuda --precision bf16 --channels-last --compile
+
+``--channels-last`` and ``--compile`` are ``model.speed`` (:class:`udaseg.engine.module.SpeedConfig`);
+``--precision bf16`` is what ``--trainer.precision bf16-mixed`` does in a run.
 """
 
 from __future__ import annotations
@@ -109,8 +113,12 @@ def build(name: str, args, device):
         (data.get("source_pipeline") or {}).get("crop_size", (512, 512)))
     batch = args.batch or int(data.get("batch_size", 2))
     adapt = model_cfg.get("self_training") is not None
+    speed = common.speed_config(args)
+    if speed is not None:
+        model_cfg["speed"] = speed
     torch.manual_seed(args.seed)
     module = UDAModule(pretrained=None, **model_cfg).to(device).train()
+    module.configure_model()  # channels-last / compile (as the Trainer does)
     opt, sched = build_optimizer(module.model, module.optim_cfg, args.total_iters)
     gen = torch.Generator().manual_seed(args.seed)
     k = module.hparams.num_classes
@@ -127,7 +135,7 @@ def build(name: str, args, device):
         hrda = f", HRDA context x{module.model.cfg.context_scale} detail {dh}x{dw}"
     setting = (f"{model_cfg['backbone']}+{model_cfg['head']}, {h}x{w}, batch {batch}"
                f"{'+' + str(batch) if adapt else ''}, {methods or 'source only'}{hrda}, "
-               f"{device.type} {args.precision}")
+               f"{device.type} {common.speed_label(args)}")
     return module, opt, sched, source, target, setting
 
 

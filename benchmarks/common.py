@@ -120,6 +120,26 @@ def autocast(device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def speed_config(args) -> dict | None:
+    """``model.speed`` settings from ``--channels-last`` / ``--compile`` (None when neither is
+    given, so revisions without the switch still run under ``--compare``)."""
+    if not (args.channels_last or args.compile):
+        return None
+    return {"channels_last": bool(args.channels_last), "compile": args.compile is not None,
+            "compile_mode": None if args.compile in (None, "default") else args.compile,
+            "compile_backend": args.compile_backend}
+
+
+def speed_label(args) -> str:
+    """`` fp32`` / `` bf16`` plus the speed switches, for a figure's setting."""
+    parts = [args.precision]
+    if args.channels_last:
+        parts.append("channels-last")
+    if args.compile:
+        parts.append(f"compiled ({args.compile}, {args.compile_backend})")
+    return " ".join(parts)
+
+
 def _vm_hwm() -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -392,6 +412,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: torch.autocast(bfloat16) around the measured work")
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="model.speed.channels_last: channels-last convolution weights and images")
+    g.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="model.speed.compile: torch.compile the networks (MODE: default, "
+                        "reduce-overhead, max-autotune); compilation happens in the warm-up")
+    g.add_argument("--compile-backend", default="inductor")
     g.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matmuls/convolutions")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for MFU (default: data sheet of known GPUs)")

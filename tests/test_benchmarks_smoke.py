@@ -87,3 +87,32 @@ def test_compare_strips_its_own_switches(bench):
     assert common._strip_args(argv, {"--compare": 2, "--rounds": 1, "--results": 1,
                                      "--no-append": 0}) == ["--presets", "daformer",
                                                             "--iters", "2"]
+
+
+def test_train_step_with_speed_switches(bench, tmp_path):
+    mod = bench("bench_train_step")
+    figs = mod.main(["--presets", "source_only", "--backbone", "mit_tiny", "--head-channels", "16",
+                     "--crop", "64", "--iters", "1", "--warmup", "1", "--threads", "1",
+                     "--no-flops", "--no-append", "--channels-last", "--compile",
+                     "--compile-backend", "aot_eager"])
+    check(figs, ["train_step/source_only"], "it/s")
+    assert "channels-last compiled (default, aot_eager)" in figs[0].setting
+
+
+def test_precision_curves_compares_two_logged_runs(bench, tmp_path):
+    mod = bench("precision_curves")
+    for name, scale in (("fp32", 1.0), ("bf16", 1.1)):
+        d = tmp_path / name / "lightning_logs" / "version_0"
+        d.mkdir(parents=True)
+        rows = ["epoch,step,train/mix,train/src,val/day_val/mIoU,val/night_val/mIoU"]
+        rows += [f"0,{s},{scale * 0.5},{scale * (2.0 - s / 100)},," for s in range(9, 200, 10)]
+        rows.append(f"0,199,,,{40 * scale},{10 * scale}")
+        (d / "metrics.csv").write_text("\n".join(rows) + "\n")
+    results = tmp_path / "results.md"
+    mod.main(["--from-runs", str(tmp_path / "fp32"), str(tmp_path / "bf16"), "--window", "100",
+              "--plot", str(tmp_path / "curves.png"), "--results", str(results)])
+    text = results.read_text()
+    # window 0-99: src mean of 2 - s/100 over s = 9..99 step 10 is 1.46; bf16 is 10% higher
+    assert "| 0-99 | 1.4600 | 1.6060 | +10.0% | 0.5000 | 0.5500 | +10.0% |" in text
+    assert "night_val fp32 10.00; night_val bf16 11.00" in text
+    assert (tmp_path / "curves.png").stat().st_size > 1000
