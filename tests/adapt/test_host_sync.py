@@ -2,7 +2,7 @@
 
 A PyTorch dispatch mode sees every aten operator of one iteration of :meth:`SelfTraining.step`
 (EMA update, source pass and FD, teacher pseudo-labels, ClassMix, strong augmentation, mixed
-pass and MIC, both backward passes) and records the operators that read device data on the
+pass and MIC or CISS, both backward passes) and records the operators that read device data on the
 host or whose output shape depends on the data: on a GPU each of those waits for the device.
 The test runs on the CPU (where nothing waits), so it finds them by operator, not by timing.
 On a GPU, ``benchmarks/bench_train_step.py --device cuda --sync-debug`` checks the same with
@@ -64,6 +64,7 @@ def make(hrda: bool, methods: dict):
 @pytest.mark.parametrize("hrda,methods", [
     (False, {"fd": {"classes": "things"}}),
     (True, {"fd": {"classes": "things"}, "mic": {"block_size": 16}}),
+    (True, {"fd": {"views": ["image", "stylized"]}, "ciss": {}}),
 ])
 def test_one_iteration_has_no_host_sync(hrda, methods):
     s, algo = make(hrda, methods)
@@ -73,6 +74,9 @@ def test_one_iteration_has_no_host_sync(hrda, methods):
     src["label"][:, :8] = 255
     tgt = {"image": torch.randn(2, 3, 64, 64, generator=g),
            "valid_pseudo": torch.ones(2, 64, 64)}
+    if "ciss" in methods:  # the data pipeline's stylised views
+        src["stylized"] = torch.randn(2, 3, 64, 64, generator=g)
+        tgt["stylized"] = torch.randn(2, 3, 64, 64, generator=g)
     finder = SyncFinder()
     for step in range(2):  # step 0 copies the teacher, step 1 averages it
         with finder:

@@ -163,3 +163,18 @@ def test_demo_starts_from_the_packaged_source_model(tmp_path):
     metrics = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     # a trained model: far above chance on day images even after one more iteration
     assert metrics["source_only"]["day_val"]["mIoU"] > 10
+
+
+def test_default_precision_is_bf16_on_bf16_gpus_only(monkeypatch):
+    import torch
+
+    from udaseg.engine.cli import default_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_precision("auto") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert default_precision("auto") == "bf16-mixed" and default_precision("gpu") == "bf16-mixed"
+    assert default_precision("cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. V100
+    assert default_precision(None) is None

@@ -257,7 +257,8 @@ class ImageNetFeatureDistance(nn.Module):
             out = ctx.student_forward(f"source/{view}", ctx.source[view])
         feats = out.features[self.cfg.feature_level]
         imnet = self.imagenet_features(ctx.source[view], feats)
-        d = torch.linalg.vector_norm(feats - imnet, ord=2, dim=1)  # (B, h, w): d(p)
+        # in fp32 under bf16 autocast too (the distance of nearby features)
+        d = torch.linalg.vector_norm(feats.float() - imnet.float(), ord=2, dim=1)  # (B, h, w)
         mask = self.feature_mask(ctx.source["label"], (feats.shape[-2], feats.shape[-1]))
         # masked mean; an empty mask gives 0 (not NaN) and keeps the graph (zero gradient)
         return (d * mask).sum() / mask.sum().clamp_min(1.0)
