@@ -1,5 +1,5 @@
 """Speed switches (``model.speed``, ``--trainer.precision bf16-mixed``) keep the maths, and
-the progress bar reads logged values only every N iterations."""
+the progress bar reads the logged losses only every N iterations."""
 
 import lightning as L
 import pytest
@@ -108,5 +108,9 @@ def test_progress_bar_reads_logged_losses_every_n_iterations(tiny_cityscapes, tm
     assert t.global_step == 7
     training_reads = [s for s in bar.reads if 0 < s < 7]
     assert training_reads == [1, 3, 6]  # the first, then every third iteration
+    assert {"src", "mix"} <= set(bar._shown)  # shown from the logged values
+    # nothing is logged with prog_bar, which Lightning would read on the host every iteration
+    assert not any(k.startswith("train/") for k in t.progress_bar_metrics)
+    assert "train/src" in t.callback_metrics
     with pytest.raises(ValueError, match="metrics_every"):
         ProgressBar(metrics_every=0)

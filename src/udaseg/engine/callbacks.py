@@ -258,26 +258,34 @@ class PreemptionCheckpoint(L.Callback):
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's :class:`~lightning.pytorch.callbacks.RichProgressBar` that reads the logged
-    training values (``train/src``, ``train/mix``) every ``metrics_every`` iterations.
+    """Lightning's :class:`~lightning.pytorch.callbacks.RichProgressBar` showing the training
+    losses ``show`` (read from ``trainer.callback_metrics``) refreshed every ``metrics_every``
+    iterations.
 
-    Lightning's bar converts them to Python numbers after every batch, which on a GPU is a
-    host-device synchronisation per iteration (the host then waits for the iteration to finish
-    instead of queueing the next one). Here the displayed values are refreshed every
-    ``metrics_every`` iterations (and at the end of each epoch and validation); the bar itself
-    still advances every iteration.
+    Values logged with ``prog_bar=True`` are converted to Python numbers by Lightning after every
+    batch, which on a GPU is a host-device synchronisation per iteration (the host waits for
+    the iteration to finish instead of queueing the next one). :class:`UDAModule` therefore
+    logs its losses without ``prog_bar`` and this bar reads them every ``metrics_every``
+    iterations (and outside training); the bar itself advances every iteration.
     """
 
-    def __init__(self, metrics_every: int = 10, **kwargs: Any):
+    def __init__(self, metrics_every: int = 10, show: Sequence[str] = ("train/src", "train/mix"),
+                 **kwargs: Any):
         super().__init__(**kwargs)
         if metrics_every < 1:
             raise ValueError(f"ProgressBar: metrics_every must be >= 1, got {metrics_every}")
         self.metrics_every = metrics_every
+        self.show = tuple(show)
         self._shown: dict | None = None
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         fresh = (not trainer.training or self._shown is None
                  or trainer.global_step % self.metrics_every == 0)
         if fresh:
-            self._shown = super().get_metrics(trainer, pl_module)
+            items = super().get_metrics(trainer, pl_module)
+            logged = trainer.callback_metrics
+            for key in self.show:
+                if key in logged:
+                    items[key.removeprefix("train/")] = float(logged[key])  # host read
+            self._shown = items
         return self._shown

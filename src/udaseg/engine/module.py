@@ -361,7 +361,9 @@ class UDAModule(L.LightningModule):
         opt.step()
         sched.step()
         for name, value in losses.items():
-            self.log(f"train/{name}", value, prog_bar=name in ("src", "mix"))
+            # no prog_bar: Lightning would read it on the host after every iteration;
+            # udaseg.engine.callbacks.ProgressBar shows src/mix every N iterations instead
+            self.log(f"train/{name}", value)
 
     def _check_finite(self, when: str, keep_newest: int = 0) -> None:
         """Read the pending finite flags (all but ``keep_newest``); raise NonFiniteLossError
