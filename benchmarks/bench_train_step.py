@@ -139,6 +139,28 @@ def build(name: str, args, device):
     return module, opt, sched, source, target, setting
 
 
+def count_host_syncs(step, iters: int) -> float:
+    """Synchronising CUDA operations per iteration, counted from the warnings of
+    ``torch.cuda.set_sync_debug_mode("warn")`` over ``iters`` untimed iterations."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(iters):
+                step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    for w in {str(w.message).splitlines()[0] for w in syncs}:
+        print(f"  host sync: {w}", flush=True)
+    return len(syncs) / iters
+
+
 def measure(name: str, args) -> Figure:
     """One preset: build, warm up, count FLOPs, time ``--iters`` iterations."""
     import torch
@@ -160,12 +182,10 @@ def measure(name: str, args) -> Figure:
         step()
     flops = common.count_flops(step) if args.flops else None
     common.reset_peak_memory(device)
-    if device.type == "cuda" and args.sync_debug:
-        torch.cuda.set_sync_debug_mode("warn")
     timing = common.time_it(step, args.iters, 0, device)
-    if device.type == "cuda" and args.sync_debug:
-        torch.cuda.set_sync_debug_mode(0)
     extras = {"s/it": common.fmt(timing.mean)}
+    if device.type == "cuda" and args.sync_debug:
+        extras["host syncs/it"] = common.fmt(count_host_syncs(step, 2))
     if device.type != "cuda":
         extras["s/it median"] = common.fmt(timing.median)
     mem, mem_n = common.memory_extras(device)
@@ -207,7 +227,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flops", dest="flops", action="store_false",
                    help="skip counting FLOPs (one extra untimed iteration)")
     p.add_argument("--sync-debug", action="store_true",
-                   help="CUDA: torch.cuda.set_sync_debug_mode('warn') over the timed iterations")
+                   help="CUDA: count synchronising operations per iteration "
+                        "(torch.cuda.set_sync_debug_mode('warn'), 2 extra untimed iterations)")
     common.add_common_args(p)
     return p
 

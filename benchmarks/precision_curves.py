@@ -14,6 +14,7 @@ window and the final day/night mIoU, draws both curves into one PNG and appends 
 Run both (side by side, one torch thread each) and compare::
 
     python benchmarks/precision_curves.py --steps 500 --out runs/precision_curves
+    python benchmarks/precision_curves.py --steps 500 --accelerator gpu --threads 4   # one GPU
 
 or compare two finished runs (their ``lightning_logs/version_0/metrics.csv``)::
 
@@ -38,7 +39,8 @@ PRECISIONS = ("32-true", "bf16-mixed")
 LOSSES = ("src", "mix")
 
 
-def fit_command(precision: str, out: Path, steps: int, seed: int, workers: int) -> list[str]:
+def fit_command(precision: str, out: Path, steps: int, seed: int, workers: int,
+                accelerator: str = "cpu") -> list[str]:
     return [
         sys.executable, "-m", "udaseg", "fit",
         "--config", "configs/synthnight/source_only.yaml",
@@ -50,6 +52,7 @@ def fit_command(precision: str, out: Path, steps: int, seed: int, workers: int) 
         "--trainer.logger.save_dir", str(out / precision),
         "--trainer.default_root_dir", str(out / precision),
         "--data.num_workers", str(workers), "--seed_everything", str(seed),
+        "--trainer.accelerator", accelerator,
     ]
 
 
@@ -61,7 +64,7 @@ def run_both(args) -> list[Path]:
     procs = []
     for precision in PRECISIONS:
         log = open(out / f"{precision}.log", "w")  # noqa: SIM115 - closed after wait
-        cmd = fit_command(precision, out, args.steps, args.seed, args.workers)
+        cmd = fit_command(precision, out, args.steps, args.seed, args.workers, args.accelerator)
         procs.append((subprocess.Popen(cmd, cwd=common.repo_root(), env=env, stdout=log,
                                        stderr=subprocess.STDOUT), log, precision))
     for proc, log, precision in procs:
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--accelerator", default="cpu", help="trainer.accelerator of both runs (gpu)")
     p.add_argument("--workers", type=int, default=1, help="loader workers per run")
     p.add_argument("--window", type=int, default=100, help="iterations per table row")
     p.add_argument("--plot", default=str(Path(__file__).with_name("precision_curves.png")))
