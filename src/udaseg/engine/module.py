@@ -321,8 +321,6 @@ class UDAModule(L.LightningModule):
         if cfg.compile:
             compile_networks(self, self.model, mode=cfg.compile_mode, backend=cfg.compile_backend)
 
-
-    # ------------------------------------------------------------------ training
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Add the random generators' states, so a resumed run draws what the interrupted one
@@ -342,6 +340,7 @@ class UDAModule(L.LightningModule):
         opt, sched = build_optimizer(self.model, self.optim_cfg, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()
         sched = self.lr_schedulers()
