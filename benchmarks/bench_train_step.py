@@ -152,9 +152,9 @@ def count_host_syncs(step, iters: int) -> float:
         try:
             for _ in range(iters):
                 step()
-            torch.cuda.synchronize()
         finally:
             torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()  # (not counted)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     for w in {str(w.message).splitlines()[0] for w in syncs}:
         print(f"  host sync: {w}", flush=True)
@@ -163,7 +163,6 @@ def count_host_syncs(step, iters: int) -> float:
 
 def measure(name: str, args) -> Figure:
     """One preset: build, warm up, count FLOPs, time ``--iters`` iterations."""
-    import torch
 
     device = args.torch_device
     module, opt, sched, source, target, setting = build(name, args, device)

@@ -22,10 +22,13 @@ from udaseg.models.segmentor import build_segmentor
 
 # host reads (.item(), bool(), float(), int()) and data-dependent output shapes
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
-            "unique_consecutive", "is_nonzero", "equal", "bincount", "repeat_interleave"}
+            "unique_consecutive", "is_nonzero", "equal", "bincount", "repeat_interleave",
+            # a tensor made from Python data (torch.tensor / as_tensor): a host-to-device copy
+            "lift_fresh", "lift_fresh_copy"}
 INDEX_OPS = {"index", "index_put", "index_put_"}  # sync when indexed by a boolean mask
-# draws made on the host on purpose, from the CPU generator (never from device tensors)
-HOST_DRAWS = {"_host_uniform", "_host_randperm", "random_crop_box"}
+# draws made on the host on purpose, from the CPU generator (never from device tensors), and
+# constants built once per device and cached
+HOST_DRAWS = {"_host_uniform", "_host_randperm", "random_crop_box", "_mean_std"}
 
 
 class SyncFinder(TorchDispatchMode):
@@ -91,5 +94,7 @@ def test_the_finder_sees_a_host_read_and_a_boolean_mask():
     with finder:
         _ = float(x.sum())
         _ = x[x > 0]
+        _ = torch.tensor([1.0, 2.0])
     assert any(f.startswith("_local_scalar_dense") for f in finder.found)
     assert any(f.startswith(("index", "nonzero")) for f in finder.found)
+    assert any(f.startswith("lift_fresh") for f in finder.found)

@@ -173,8 +173,29 @@ def test_default_precision_is_bf16_on_bf16_gpus_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_precision("auto") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # H100
     assert default_precision("auto") == "bf16-mixed" and default_precision("gpu") == "bf16-mixed"
     assert default_precision("cpu") is None
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. V100
+    assert default_precision("auto", "ddp_fork") is None  # must not initialise CUDA
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))  # V100
     assert default_precision(None) is None
+
+
+def test_fit_writes_the_chosen_default_precision_into_its_config(tmp_path, monkeypatch):
+    from tests.conftest import make_tiny_cityscapes
+    from tests.test_bad_inputs import run_cli, write_fit_config
+    from udaseg.engine import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "default_precision",
+                        lambda accelerator, strategy=None: calls.append(accelerator) or "bf16-mixed")
+    root = make_tiny_cityscapes(tmp_path / "cityscapes")
+    cfg = write_fit_config(tmp_path / "c.yaml", root, tmp_path / "out", max_steps=1)
+    rc, _, err = run_cli(["fit", "--config", str(cfg)])
+    assert rc == 0, err[-2000:]
+    assert calls == ["cpu"] and "trainer.precision bf16-mixed" in err
+    saved = (tmp_path / "out" / "config.yaml").read_text()
+    assert "precision: bf16-mixed" in saved
+    calls.clear()
+    rc, _, err = run_cli(["fit", "--config", str(cfg), "--trainer.precision", "32-true"])
+    assert rc == 0 and calls == []  # an explicit precision is kept

@@ -24,6 +24,17 @@ SCRIPT = textwrap.dedent('''
     out = Path({out!r})
     L.seed_everything(0)
     module, dm = make(Path({cs!r}), Path({dz!r}))
+    poison = {poison!r}  # (iteration, rank): a NaN loss there, or None
+    if poison is not None:
+        step = module.algorithm.step
+
+        def poisoned(student, source, target, i, backward):
+            losses = step(student, source, target, i, backward)
+            if (i, torch.distributed.get_rank()) == tuple(poison):
+                losses["src"] = torch.tensor(float("nan"))
+            return losses
+
+        module.algorithm.step = poisoned
 
     class Record(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -40,23 +51,31 @@ SCRIPT = textwrap.dedent('''
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         num_sanity_val_steps=0, default_root_dir=out, callbacks=[Record()],
     )
-    trainer.fit(module, datamodule=dm)
+    try:
+        trainer.fit(module, datamodule=dm)
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        (out / f"error{{trainer.global_rank}}.txt").write_text(f"{{type(exc).__name__}}: {{exc}}")
 ''')
 
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def test_two_ranks_hold_identical_weights(tiny_cityscapes, tiny_dark_zurich, tmp_path):
+def run_two_ranks(tmp_path, cs, dz, poison=None, timeout=600):
     tests = Path(__file__).resolve().parents[1]
     script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT.format(tests=str(tests), out=str(tmp_path), cs=str(tiny_cityscapes),
-                                    dz=str(tiny_dark_zurich)))
+    script.write_text(SCRIPT.format(tests=str(tests), out=str(tmp_path), cs=str(cs), dz=str(dz),
+                                    poison=poison))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(tests.parent / "src"), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_ranks_hold_identical_weights(tiny_cityscapes, tiny_dark_zurich, tmp_path):
+    run_two_ranks(tmp_path, tiny_cityscapes, tiny_dark_zurich)
+    assert not list(tmp_path.glob("error*.txt"))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for part in ("student", "teacher"):
@@ -73,3 +92,14 @@ def test_two_ranks_hold_identical_weights(tiny_cityscapes, tiny_dark_zurich, tmp
     # the teacher moved away from its initial copy of the student (EMA updates happened)
     assert any(not torch.equal(r0["teacher"][k], r0["student"][k.removeprefix("model.")])
                for k in r0["teacher"] if k.removeprefix("model.") in r0["student"])
+
+
+def test_a_nan_on_one_rank_stops_both_ranks(tiny_cityscapes, tiny_dark_zurich, tmp_path):
+    """Rank 1's loss is NaN in iteration 1: both ranks stop with the error (neither is left
+    waiting in a collective for the other), and no rank trained to the end."""
+    run_two_ranks(tmp_path, tiny_cityscapes, tiny_dark_zurich, poison=(1, 1), timeout=300)
+    errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
+    assert set(errors) == {"error0.txt", "error1.txt"}, errors
+    assert "iteration 1: loss term(s) src=nan" in errors["error1.txt"]
+    assert "iteration 1: loss term(s) of another process" in errors["error0.txt"]
+    assert not list(tmp_path.glob("rank*.pt"))  # on_train_end's record was never reached

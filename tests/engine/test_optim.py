@@ -27,3 +27,22 @@ def test_optimizer_groups_follow_schedule():
         sched.step()
     assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([3e-5, 3e-4])
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_restored_optimizer_state_takes_the_parameters_layout():
+    """A run resumed with channels-last weights gets AdamW moments in the same layout."""
+    import torch
+
+    from udaseg.engine.optim import match_state_layout
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    opt = torch.optim.AdamW(conv.parameters())
+    conv(torch.randn(1, 3, 8, 8)).sum().backward()
+    opt.step()  # moments in the default (contiguous) layout
+    moment = opt.state[conv.weight]["exp_avg"].clone()
+    conv.to(memory_format=torch.channels_last)
+    assert match_state_layout(opt) == 2  # exp_avg and exp_avg_sq of the weight; bias is 1-D
+    state = opt.state[conv.weight]
+    assert state["exp_avg"].stride() == conv.weight.stride() != moment.stride()
+    assert torch.equal(state["exp_avg"], moment)  # same values
+    assert match_state_layout(opt) == 0

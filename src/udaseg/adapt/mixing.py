@@ -142,9 +142,9 @@ def class_mix_choices(
     """
     y = _as_bhw(source_labels)
     present = torch.zeros(_NUM_LABEL_SLOTS, dtype=torch.bool, device=y.device)
-    present[y.reshape(-1)] = True
+    present.index_fill_(0, y.reshape(-1), True)  # (a fill value, not a tensor from Python data)
     if not include_ignore:
-        present[IGNORE_INDEX] = False
+        present[IGNORE_INDEX].fill_(False)
     n = present.sum()
     k = (n + n % 2) // 2
     keys = _uniform((y.shape[0], _NUM_LABEL_SLOTS), generator, y.device)

@@ -38,18 +38,24 @@ Run `udaseg <command> --help` for the options of one command.
 """
 
 
-def default_precision(accelerator: str | None) -> str | None:
-    """``bf16-mixed`` when the run will use a CUDA GPU with bf16 support, else None (Lightning's
+def default_precision(accelerator: str | None, strategy: object = None) -> str | None:
+    """``bf16-mixed`` when ``udaseg fit`` will use a CUDA GPU with bf16 tensor cores (compute
+    capability 8.0 or newer: A100, H100, L4, RTX 30xx/40xx ...), else None (Lightning's
     ``32-true``). bf16 keeps accuracy here (benchmarks/results.md: 500 SynthNight DACS
-    iterations, loss curves within 0.1 %, the same mIoU) and uses the GPUs' bf16 tensor cores;
-    on CPUs without bf16 units it is slower, so they stay in fp32."""
-    import torch
-
+    iterations, loss curves within 0.1 %, the same mIoU; measured with CPU autocast) and uses
+    the tensor cores; older GPUs (V100, T4) only emulate bf16 and CPUs without bf16 units are
+    slower in it, so they stay in fp32. Fork-based strategies are left alone: reading the
+    GPU's capability initialises CUDA, which they forbid before the fork."""
     if accelerator not in (None, "auto", "gpu", "cuda"):
         return None
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return None
+    if isinstance(strategy, str) and ("fork" in strategy or "notebook" in strategy):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, _minor = torch.cuda.get_device_capability()
+    return "bf16-mixed" if major >= 8 else None
 
 
 def lightning_main(argv: list[str] | None) -> int:
@@ -58,8 +64,8 @@ def lightning_main(argv: list[str] | None) -> int:
     Every run gets atomic checkpoint writes read back with ``weights_only=True``
     (:class:`~udaseg.engine.callbacks.AtomicCheckpointIO`, unless ``trainer.plugins`` is set), a
     checkpoint on SIGTERM (:class:`~udaseg.engine.callbacks.PreemptionCheckpoint`), keeps an
-    earlier run's ``config.yaml``, and runs in bf16-mixed precision on bf16-capable GPUs unless
-    ``trainer.precision`` is given (:func:`default_precision`).
+    earlier run's ``config.yaml``, and ``fit`` runs in bf16-mixed precision on GPUs with bf16
+    tensor cores unless ``trainer.precision`` is given (:func:`default_precision`).
     """
     from lightning.pytorch.cli import LightningCLI
 
@@ -68,12 +74,24 @@ def lightning_main(argv: list[str] | None) -> int:
     from .module import UDAModule
 
     class UdasegCLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            # training on a bf16 GPU defaults to bf16-mixed, written into the saved config.yaml
+            # (evaluation commands keep what they are given: fp32 unless said)
+            if self.subcommand != "fit":
+                return
+            cfg = self.config[self.subcommand]
+            if cfg.get("trainer.precision") is None:
+                chosen = default_precision(cfg.get("trainer.accelerator"),
+                                           cfg.get("trainer.strategy"))
+                if chosen is not None:
+                    cfg["trainer.precision"] = chosen
+                    print(f"udaseg: trainer.precision {chosen} (the default on this GPU; "
+                          "--trainer.precision 32-true for fp32)", file=sys.stderr)
+
         def instantiate_trainer(self, **kwargs):
             trainer_cfg = self._get(self.config_init, "trainer", default={})
             if not trainer_cfg.get("plugins"):
                 kwargs["plugins"] = [AtomicCheckpointIO()]
-            if trainer_cfg.get("precision") is None:
-                kwargs["precision"] = default_precision(trainer_cfg.get("accelerator"))
             return super().instantiate_trainer(**kwargs)
 
     try:

@@ -26,7 +26,7 @@ from ..eval.inference import slide_inference, whole_inference
 from ..eval.metrics import IoUResult, SegmentationMetric
 from ..models.hrda import HRDAConfig, HRDASegmentor
 from ..models.segmentor import build_segmentor
-from .optim import OptimConfig, build_optimizer
+from .optim import OptimConfig, build_optimizer, match_state_layout
 
 
 @dataclass
@@ -54,7 +54,11 @@ class SpeedConfig:
     every backbone, decode head and scale-attention head: the student's and their copies (EMA
     teacher, FD's ImageNet backbone). The random HRDA crop and the mixing stay eager."""
     compile_mode: str | None = None
-    """``torch.compile`` mode: None (default), ``reduce-overhead``, ``max-autotune``."""
+    """``torch.compile`` mode: None (default), ``max-autotune``, or ``reduce-overhead`` (CUDA
+    graphs; untested here with networks that run several times per iteration). One compiled
+    backbone serves the student, teacher, FD copy and evaluation at several input sizes: check
+    for recompilations with ``TORCH_LOGS=recompiles`` (dynamo falls back to eager after its
+    recompile limit, with a warning)."""
     compile_backend: str = "inductor"
     """``torch.compile`` backend (``aot_eager`` traces without generating kernels: for tests)."""
 
@@ -144,6 +148,19 @@ def _all_finite(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     if not losses:
         return torch.tensor(True)
     return torch.stack([v.detach().float().reshape(()) for v in losses.values()]).isfinite().all()
+
+
+def _on_every_rank(flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` and-ed over the DDP processes (a MIN all-reduce queued on the device: no host
+    synchronisation with NCCL), so that every rank stops or skips the same iteration; ``flag``
+    itself when not distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = flag.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value.bool()
 
 
 def rng_states() -> dict:
@@ -349,14 +366,17 @@ class UDAModule(L.LightningModule):
         losses = self.algorithm.step(
             self.model, batch["source"], batch.get("target"), step, self.manual_backward
         )
+        # DDP: a NaN on one rank reaches every rank's gradients through the all-reduce, so the
+        # ranks agree on the flag and stop or skip together (none is left waiting for the others)
+        finite = _on_every_rank(_all_finite(losses))
         if self.hparams.nonfinite == "skip":
-            if not bool(_all_finite(losses)):  # host sync
+            if not bool(finite):  # host sync
                 opt.zero_grad(set_to_none=True)
                 self._skipped += 1
                 self.log("train/skipped", float(self._skipped))
                 return
         else:
-            self._pending.append((step, losses, _all_finite(losses)))  # read later, no sync here
+            self._pending.append((step, losses, finite))  # read later, no sync here
         opt.step()
         sched.step()
         for name, value in losses.items():
@@ -373,8 +393,10 @@ class UDAModule(L.LightningModule):
                 continue
             self._pending.clear()
             bad = {k: float(v) for k, v in losses.items() if not bool(torch.isfinite(v).all())}
+            terms = (f"loss term(s) {', '.join(f'{k}={v}' for k, v in bad.items())}" if bad
+                     else "loss term(s) of another process")
             raise NonFiniteLossError(
-                f"iteration {step}: loss term(s) {', '.join(f'{k}={v}' for k, v in bad.items())} "
+                f"iteration {step}: {terms} "
                 f"are not finite; training stopped {when}, no checkpoint of these weights was "
                 "written. Lower model.optim.lr, check the inputs of this iteration, or set "
                 "model.nonfinite: skip to drop such iterations."
@@ -382,6 +404,8 @@ class UDAModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._pending.clear()
+        for opt in self.trainer.optimizers:  # (after a resume: the restored state's layout)
+            match_state_layout(opt)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # the newest flag is read after the next iteration has been queued

@@ -53,3 +53,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_iters: int):
                             fused=bool(fused) or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: poly_warmup_factor(t, total_iters, cfg))
     return opt, sched
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> int:
+    """Give every per-parameter state tensor (AdamW's ``exp_avg``/``exp_avg_sq``) its
+    parameter's memory layout; returns how many were converted. Optimiser state restored from
+    a checkpoint keeps the layout it was saved with, and a run resumed with another
+    ``model.speed.channels_last`` would otherwise mix layouts, which fused AdamW refuses."""
+    converted = 0
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if (isinstance(value, torch.Tensor) and value.shape == param.shape
+                    and value.stride() != param.stride()):
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+                converted += 1
+    return converted

@@ -344,7 +344,7 @@ class HRDASegmentor(nn.Module):
         for v in (y1, y2, x1, x2):
             _exact_ratio(v, lr, f"crop box coordinate (crop_divisor must be a multiple of {lr})")
         mask = torch.zeros_like(a[:, :1])
-        mask[:, :, y1 // lr : y2 // lr, x1 // lr : x2 // lr] = 1.0
+        mask[:, :, y1 // lr : y2 // lr, x1 // lr : x2 // lr].fill_(1.0)
         a = a * mask
         h_out, w_out = height // hr, width // hr
         y_d_ins = F.pad(y_d, (x1 // hr, w_out - x2 // hr, y1 // hr, h_out - y2 // hr))
