@@ -116,3 +116,20 @@ def test_progress_bar_reads_logged_losses_every_n_iterations(tiny_cityscapes, tm
     assert "train/src" in t.callback_metrics
     with pytest.raises(ValueError, match="metrics_every"):
         ProgressBar(metrics_every=0)
+
+
+def test_batched_slide_windows_give_the_same_logits():
+    from udaseg.engine.module import InferenceConfig
+
+    m = UDAModule(backbone="mit_tiny", head="daformer", head_channels=16, drop_path_rate=0.0,
+                  inference=InferenceConfig(mode="slide", crop=(32, 32), stride=(16, 16))).eval()
+    x = batches(64)[0]["image"]
+    with torch.no_grad():
+        one = m.predict_logits(x, out_size=(64, 64))
+        m.inference_cfg.batch_windows = None  # all 9 windows in one call
+        calls = []
+        hook = m.model.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+        together = m.predict_logits(x, out_size=(64, 64))
+        hook.remove()
+    assert calls == [2 * 9]  # 2 images x 9 windows in one call
+    assert torch.allclose(one, together, atol=1e-5)

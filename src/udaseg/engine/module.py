@@ -36,6 +36,9 @@ class InferenceConfig:
     mode: Literal["whole", "slide"] = "whole"
     crop: tuple[int, int] = (512, 512)
     stride: tuple[int, int] = (341, 341)
+    batch_windows: int | None = 1
+    """Slide windows per network call: 1 (mmseg, least memory) or more / None (all in one call,
+    faster on a GPU with memory to spare); the result is the same."""
 
 
 @dataclass
@@ -323,6 +326,7 @@ class UDAModule(L.LightningModule):
             return slide_inference(
                 self, images, crop_size=cfg.crop, stride=cfg.stride,
                 num_classes=self.hparams.num_classes, out_size=out_size,
+                batch_windows=cfg.batch_windows,
             )
         return whole_inference(self, images, out_size=out_size)
 
