@@ -133,3 +133,18 @@ def test_batched_slide_windows_give_the_same_logits():
         hook.remove()
     assert calls == [2 * 9]  # 2 images x 9 windows in one call
     assert torch.allclose(one, together, atol=1e-5)
+
+
+def test_loaders_pin_memory_only_for_cuda(tiny_cityscapes, tmp_path):
+    from types import SimpleNamespace
+
+    from tests.engine.test_resume import make
+
+    _, dm = make(tiny_cityscapes, tmp_path)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")),
+                                 max_steps=2, global_step=0)
+    assert dm._pin() is False
+    dm.trainer.strategy.root_device = torch.device("cuda", 0)
+    assert dm._pin() is True
+    dm.pin_memory = False
+    assert dm._pin() is False

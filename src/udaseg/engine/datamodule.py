@@ -82,6 +82,7 @@ class UDADataModule(L.LightningDataModule):
             With a target, training uses ONE loader over source/target pairs
             (:class:`~udaseg.data.paired.PairedDataset`): each domain's batch gains ``stylized``
             (normalised like ``image``, same crop and flip); RCS, if set, draws the source.
+        pin_memory: page-locked loader batches; None = on when training on a CUDA device.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class UDADataModule(L.LightningDataModule):
         seed: int = 0,
         predict: DatasetSpec | None = None,
         stylize: StylizeConfig | None = None,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
         self.source_spec = source
@@ -117,6 +119,7 @@ class UDADataModule(L.LightningDataModule):
         self.predict_spec = dataclasses.replace(predict, labels=False) if predict is not None else None
         self.predict_set = None
         self.stylize = stylize
+        self.pin_memory = pin_memory
         self.train_set = None
         """The paired dataset when ``stylize`` is set and there is a target, else None."""
 
@@ -205,6 +208,15 @@ class UDADataModule(L.LightningDataModule):
                 stacklevel=2,
             )
 
+    def _pin(self) -> bool:
+        """``pin_memory`` if set, else on when the trainer runs on a CUDA device: page-locked
+        batches make Lightning's non-blocking host-to-device copies truly asynchronous."""
+        if self.pin_memory is not None:
+            return self.pin_memory
+        strategy = getattr(self.trainer, "strategy", None) if self.trainer is not None else None
+        device = getattr(strategy, "root_device", None)
+        return device is not None and device.type == "cuda"
+
     def _train_loader(self, ds, domain: int) -> DataLoader:
         # Training is counted in iterations (the papers' 40k), not epochs: with max_steps set, one
         # "epoch" is the whole run. Batch t reads positions t*B .. t*B+B-1 of a deterministic
@@ -226,6 +238,7 @@ class UDADataModule(L.LightningDataModule):
         return DataLoader(
             stream, batch_size=self.batch_size, sampler=sampler,
             drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin(),
             # the loader's own generator: creating its iterator must not consume the global RNG
             generator=torch.Generator().manual_seed(self.seed),
         )
@@ -240,7 +253,8 @@ class UDADataModule(L.LightningDataModule):
 
     def _eval_loaders(self) -> list[DataLoader]:
         return [
-            DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)
+            DataLoader(ds, batch_size=self.val_batch_size, shuffle=False,
+                       num_workers=self.num_workers, pin_memory=self._pin())
             for ds in self.val_sets.values()
         ]
 
