@@ -166,6 +166,29 @@ def _on_every_rank(flag: torch.Tensor) -> torch.Tensor:
     return value.bool()
 
 
+def average_bn_statistics(module: torch.nn.Module) -> int:
+    """Average the BatchNorm running means and variances of ``module`` over the DDP processes
+    (as timm's ``distribute_bn``), so every rank evaluates and checkpoints the same statistics
+    gathered from all ranks' batches; returns the number of BatchNorm layers averaged. Nothing
+    to do without DDP or with SyncBatchNorm (whose statistics are global already)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    norms = [m for m in module.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             and not isinstance(m, torch.nn.SyncBatchNorm)]
+    buffers = [b for m in norms for b in (m.running_mean, m.running_var)]
+    if not buffers:
+        return 0
+    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for b, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+        b.copy_(part.view_as(b))
+    return len(norms)
+
+
 def rng_states() -> dict:
     """torch (CPU and CUDA), numpy and Python generator states as tensors and plain values (so
     checkpoints stay loadable with ``weights_only=True``)."""
@@ -453,6 +476,9 @@ class UDAModule(L.LightningModule):
                 self.log(f"{prefix}/{name}/mIoU19_x19/n", float(res.scaled_miou19(ls)) * 100.0)
 
     def on_validation_epoch_start(self) -> None:
+        # DDP: each rank's BatchNorm statistics saw only its own batches; evaluate (and then
+        # checkpoint) their average, the same on every rank
+        average_bn_statistics(self)
         self._start_eval()
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
