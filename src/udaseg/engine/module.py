@@ -153,13 +153,20 @@ def _all_finite(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.detach().float().reshape(()) for v in losses.values()]).isfinite().all()
 
 
+def _world_size() -> int:
+    """Processes in the initialised torch.distributed group (1 when not distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _on_every_rank(flag: torch.Tensor) -> torch.Tensor:
     """``flag`` and-ed over the DDP processes (a MIN all-reduce queued on the device: no host
     synchronisation with NCCL), so that every rank stops or skips the same iteration; ``flag``
     itself when not distributed."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world_size() == 1:
         return flag
     value = flag.to(torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
@@ -173,7 +180,7 @@ def average_bn_statistics(module: torch.nn.Module) -> int:
     to do without DDP or with SyncBatchNorm (whose statistics are global already)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world_size() == 1:
         return 0
     norms = [m for m in module.modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
@@ -183,7 +190,7 @@ def average_bn_statistics(module: torch.nn.Module) -> int:
         return 0
     flat = torch.cat([b.reshape(-1).float() for b in buffers])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat /= _world_size()
     for b, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
         b.copy_(part.view_as(b))
     return len(norms)
