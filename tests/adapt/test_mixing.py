@@ -207,3 +207,88 @@ def test_strong_augment_gates_follow_probabilities():
     always = StrongAugConfig(color_jitter_probability=0.0, blur=False)
     changed = [not torch.equal(strong_augment(x, always, g), x) for _ in range(20)]
     assert all(changed)
+
+
+# -- kornia 0.5.8 colour jitter on inputs outside [0, 1] (CISS's unclipped FDA views) ----------
+
+
+def _kornia058_jitter_reference(x: torch.Tensor, factors, order) -> torch.Tensor:
+    """kornia 0.5.8 ColorJitter written out per pixel in NumPy (float64), from its formulas:
+    brightness x + (b - 1) and contrast x * c clamped to [0, 1]; saturation and hue through HSV
+    with S = (max - min) / (max + 1e-6), hue from the first maximal channel, fmod rotation,
+    the sector table back to RGB, and NO clamp after either."""
+    import numpy as np
+
+    img = x.double().numpy().copy()
+    b, c, s, h = (float(f) for f in factors)
+
+    def to_hsv(px):
+        r, g, bl = px
+        mx, mn = max(px), min(px)
+        idx = [r, g, bl].index(mx)  # first maximal channel
+        delta = mx - mn
+        sat = delta / (mx + 1e-6)
+        d = delta if delta != 0 else 1.0
+        rc, gc, bc = mx - r, mx - g, mx - bl
+        hue6 = [bc - gc, 2 * d + rc - bc, 4 * d + gc - rc][idx] / d
+        return 2 * math.pi * ((hue6 / 6.0) % 1.0), sat, mx
+
+    def to_rgb(hue, sat, val):
+        hh = hue / (2 * math.pi)
+        i = math.floor(hh * 6) % 6
+        f = ((hh * 6) % 6) - i
+        p, q, t = val * (1 - sat), val * (1 - f * sat), val * (1 - (1 - f) * sat)
+        return [(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][i]
+
+    def per_pixel(fn):
+        out = np.empty_like(img)
+        for n in range(img.shape[0]):
+            for yy in range(img.shape[2]):
+                for xx in range(img.shape[3]):
+                    out[n, :, yy, xx] = fn(*to_hsv(img[n, :, yy, xx]))
+        return out
+
+    for op in order:
+        if op == 0:
+            img = np.clip(img + (b - 1), 0, 1)
+        elif op == 1:
+            img = np.clip(img * c, 0, 1)
+        elif op == 2:
+            img = per_pixel(lambda hue, sat, val: to_rgb(hue, min(max(sat * s, 0), 1), val))
+        else:
+            img = per_pixel(lambda hue, sat, val: to_rgb(math.fmod(hue + h * 2 * math.pi,
+                                                                   2 * math.pi), sat, val))
+    return torch.from_numpy(img).float()
+
+
+def test_saturation_and_hue_do_not_clamp_out_of_range_inputs():
+    # a bright pixel (max 1.2 > 1) survives an identity saturation/hue unchanged, as in kornia
+    px = torch.tensor([1.2, 0.6, 0.3]).view(1, 3, 1, 1)
+    assert torch.allclose(adjust_saturation(px, 1.0), px, atol=1e-5)
+    assert torch.allclose(adjust_hue(px, 0.0), px, atol=1e-5)
+    # a pixel whose maximum is <= 0: kornia's S = (max - min) / (max + eps) is negative and is
+    # kept through a hue rotation (round trip), so the pixel comes back, not grey/clamped
+    neg = torch.tensor([-0.2, -0.5, -0.4]).view(1, 3, 1, 1)
+    hsv = rgb_to_hsv(neg)[0, :, 0, 0]
+    assert math.isclose(float(hsv[1]), 0.3 / (-0.2 + 1e-6), rel_tol=1e-5)
+    assert float(hsv[2]) == torch.tensor(-0.2).item()
+    assert torch.allclose(adjust_hue(neg, 0.0), neg, atol=1e-5)
+    # saturation clamps S * a into [0, 1] there: a negative S becomes 0, the pixel grey at V
+    assert torch.allclose(adjust_saturation(neg, 1.1), torch.full_like(neg, -0.2), atol=1e-6)
+
+
+def test_color_jitter_matches_kornia_058_for_any_input_range():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 5, 6, generator=g) * 2.0 - 0.5  # values in [-0.5, 1.5]
+    x[0, :, 0, 0] = torch.tensor([-0.3, -0.1, -0.2])  # maximum <= 0
+    x[1, :, 1, 1] = torch.tensor([0.4, 0.4, 0.4])  # grey: delta = 0
+    x[1, :, 2, 2] = torch.tensor([0.7, 0.7, 0.2])  # tie for the maximum: first channel wins
+    for order in ([2, 3, 0, 1], [3, 2, 1, 0], [0, 2, 1, 3]):
+        for factors in ((1.1, 0.9, 1.15, -0.12), (0.85, 1.2, 0.8, 0.18)):
+            got = torch.cat([color_jitter(x[i : i + 1], *factors, order=order) for i in range(2)])
+            ref = torch.cat([_kornia058_jitter_reference(x[i : i + 1], factors, order)
+                             for i in range(2)])
+            assert torch.allclose(got, ref, atol=2e-6), (order, factors, (got - ref).abs().max())
+    # saturation/hue first on the raw input: results leave [0, 1] (no clamp), as kornia's do
+    out = color_jitter(x, 1.0, 1.0, 1.15, 0.1, order=[2, 3])
+    assert out.min() < 0 and out.max() > 1

@@ -27,9 +27,12 @@ Strong augmentation of the mixed image (mix -> colour jitter -> blur; labels/wei
         brightness  b ~ U(1 - s, 1 + s):  x <- clamp(x + (b - 1), 0, 1)   ADDITIVE (kornia 0.5.8)
         contrast    c ~ U(1 - s, 1 + s):  x <- clamp(x * c, 0, 1)              multiplicative
         saturation  a ~ U(1 - s, 1 + s):  S <- clamp(S * a, 0, 1) in HSV
-        hue         h ~ U(-s, s):         H <- (H + 2 pi h) mod 2 pi in HSV (H in radians)
+        hue         h ~ U(-s, s):         H <- fmod(H + 2 pi h, 2 pi) in HSV (H in radians)
         the four ops in a random order (one permutation per call; per image with
-        ``order_per_image``), clamp to [0, 1] after each op
+        ``order_per_image``); brightness and contrast clamp to [0, 1], saturation and hue
+        do not (kornia 0.5.8: an input outside [0, 1], such as CISS's unclipped FDA views,
+        stays outside through them); HSV with kornia's arithmetic (S = (max - min) /
+        (max + 1e-6), hue from the first maximal channel, fmod for the rotation)
     renormalise           x = (255 * x01 - mean) / std
     Gaussian blur         sigma ~ U(0.15, 1.15) per image (once per call with
                           ``sigma_per_image=False``), odd kernel per side L
@@ -220,41 +223,58 @@ class ClassMix:
 # colour space
 
 
-def rgb_to_hsv(rgb: Tensor) -> Tensor:
-    """(..., 3, H, W) RGB in [0, 1] -> HSV with H in radians [0, 2 pi), S and V in [0, 1].
+def rgb_to_hsv(rgb: Tensor, eps: float = 1e-6) -> Tensor:
+    """(..., 3, H, W) RGB -> HSV with H in radians [0, 2 pi), kornia-0.5.8 arithmetic.
 
-    V = max, S = (max - min) / max (0 where max = 0), H = hexcone hue (0 where max = min).
+    ``V = max``, ``S = (max - min) / (max + eps)`` (not clipped: an out-of-range pixel whose
+    maximum is <= 0 gets a negative or huge S, exactly as kornia), and the hexcone hue taken
+    from the FIRST channel holding the maximum, computed as kornia does::
+
+        (r', g', b') = max - (r, g, b);   D = max - min (1 where max = min)
+        H6 = [b' - g',  2 D + r' - b',  4 D + g' - r'][argmax] / D
+        H  = 2 pi ((H6 / 6) mod 1)
+
+    Any input range is accepted; the same operations in the same order give the same floats.
     """
-    r, g, b = rgb.unbind(dim=-3)
-    maxc, argmax = rgb.max(dim=-3)
+    maxc = rgb.max(dim=-3).values
+    is_max = rgb == maxc.unsqueeze(-3)
+    first_max = ((is_max.cumsum(dim=-3) == 1) & is_max).max(dim=-3).indices
     minc = rgb.min(dim=-3).values
     delta = maxc - minc
-    safe_max = torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    s = torch.where(maxc > 0, delta / safe_max, torch.zeros_like(maxc))
-    d = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h_r = torch.remainder((g - b) / d, 6.0)
-    h_g = (b - r) / d + 2.0
-    h_b = (r - g) / d + 4.0
-    h = torch.where(argmax == 0, h_r, torch.where(argmax == 1, h_g, h_b))
-    h = torch.where(delta > 0, h, torch.zeros_like(h)) * (math.pi / 3.0)
-    h = torch.remainder(h, 2 * math.pi)
+    s = delta / (maxc + eps)
+    delta = torch.where(delta == 0, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc.unsqueeze(-3) - rgb).unbind(dim=-3)
+    h = torch.stack((bc - gc, 2.0 * delta + rc - bc, 4.0 * delta + gc - rc), dim=-3)
+    h = torch.gather(h, -3, first_max.unsqueeze(-3)).squeeze(-3) / delta
+    h = 2 * math.pi * ((h / 6.0) % 1.0)
     return torch.stack((h, s, maxc), dim=-3)
 
 
 def hsv_to_rgb(hsv: Tensor) -> Tensor:
-    """Inverse of :func:`rgb_to_hsv` (any real H, taken mod 2 pi).
+    """Inverse of :func:`rgb_to_hsv` (any real H, S, V; H taken mod 2 pi), kornia-0.5.8 arithmetic.
 
-    Closed form: ``f(n) = V - V S max(0, min(k, 4 - k, 1))`` with ``k = (n + 3 H / pi) mod 6`` and
-    (R, G, B) = (f(5), f(3), f(1)).
+    With ``h = H / 2 pi``, ``i = floor(6 h) mod 6`` and ``f = (6 h mod 6) - i``, the sector table
+    over ``p = V (1 - S)``, ``q = V (1 - f S)``, ``t = V (1 - (1 - f) S)``::
+
+        i:  0  1  2  3  4  5
+        R:  V  q  p  p  t  V
+        G:  t  V  V  q  p  p
+        B:  p  p  t  V  V  q
+
+    No clipping: S and V outside [0, 1] give RGB outside [0, 1], as in kornia.
     """
-    h, s, v = hsv.unbind(dim=-3)
-    h6 = h * (3.0 / math.pi)
-
-    def f(n: float) -> Tensor:
-        k = torch.remainder(n + h6, 6.0)
-        return v - v * s * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-
-    return torch.stack((f(5.0), f(3.0), f(1.0)), dim=-3)
+    h = hsv[..., 0, :, :] / (2 * math.pi)
+    s = hsv[..., 1, :, :]
+    v = hsv[..., 2, :, :]
+    sector = torch.floor(h * 6) % 6
+    f = ((h * 6) % 6) - sector
+    p = v * (1.0 - s)
+    q = v * (1.0 - f * s)
+    t = v * (1.0 - (1.0 - f) * s)
+    sector = sector.long()
+    table = torch.stack((v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q), dim=-3)
+    index = torch.stack((sector, sector + 6, sector + 12), dim=-3)
+    return torch.gather(table, -3, index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,21 +300,20 @@ def adjust_contrast(x: Tensor, factor: Tensor | float) -> Tensor:
 
 
 def adjust_saturation(x: Tensor, factor: Tensor | float) -> Tensor:
-    """HSV saturation scaling: ``S <- clamp(S * a, 0, 1)``, back to RGB, clamp to [0, 1]."""
-    hsv = rgb_to_hsv(x)
-    h, s, v = hsv.unbind(dim=-3)
-    f = _per_sample(factor, s)
-    s = (s * f).clamp(0.0, 1.0)
-    return hsv_to_rgb(torch.stack((h, s, v), dim=-3)).clamp(0.0, 1.0)
+    """HSV saturation scaling (kornia 0.5.8): ``S <- clamp(S * a, 0, 1)``, back to RGB, NOT
+    clamped (an input outside [0, 1] stays outside)."""
+    h, s, v = rgb_to_hsv(x).unbind(dim=-3)
+    s = (s * _per_sample(factor, s)).clamp(0.0, 1.0)
+    return hsv_to_rgb(torch.stack((h, s, v), dim=-3))
 
 
 def adjust_hue(x: Tensor, factor: Tensor | float) -> Tensor:
-    """HSV hue rotation by ``2 pi h`` radians (``h`` in turns, U(-s, s) in the jitter), clamped."""
-    hsv = rgb_to_hsv(x)
-    h, s, v = hsv.unbind(dim=-3)
-    f = _per_sample(factor, h)
-    h = torch.remainder(h + 2 * math.pi * f, 2 * math.pi)
-    return hsv_to_rgb(torch.stack((h, s, v), dim=-3)).clamp(0.0, 1.0)
+    """HSV hue rotation by ``h`` turns (U(-s, s) in the jitter; kornia's ColorJitter passes
+    ``h * 2 * pi`` radians): ``H <- fmod(H + h * 2 * pi, 2 pi)`` (fmod: the sign of the
+    dividend, as kornia), back to RGB, NOT clamped."""
+    h, s, v = rgb_to_hsv(x).unbind(dim=-3)
+    h = torch.fmod(h + _per_sample(factor, h) * 2 * math.pi, 2 * math.pi)
+    return hsv_to_rgb(torch.stack((h, s, v), dim=-3))
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
