@@ -100,11 +100,32 @@ def test_crop_box_multiples_inside_and_sized():
         assert 0 <= y1 < y2 <= 128 and 0 <= x1 < x2 <= 200
         assert (y2 - y1, x2 - x1) == (64, 96)
         seen.add((y1, x1))
-    assert len({y for y, _ in seen}) == 9 and len({x for _, x in seen}) == 14  # all offsets drawn
+    # the reference's randint(0, (H - h + 1) // 8) * 8: margins 64 and 104 give 8 and 13
+    # offsets (0..56, 0..96), never the last fitting multiple (64, 104)
+    assert {y for y, _ in seen} == set(range(0, 57, 8))
+    assert {x for _, x in seen} == set(range(0, 97, 8))
     torch.manual_seed(3)
     a = hrda.random_crop_box(1024, 1024)
     torch.manual_seed(3)
     assert hrda.random_crop_box(1024, 1024) == a and (a[1] - a[0], a[3] - a[2]) == (512, 512)
+
+
+
+def test_crop_box_offsets_match_reference_on_paper_sizes():
+    # a 1024 crop with a 512 detail crop: offsets 0..504 in steps of 8, 64 positions per side
+    base = EncoderDecoder(PoolBackbone(), ConvHead())
+    hrda = HRDASegmentor(base, attention_head=ConstAttention(0.5))
+    g = torch.Generator().manual_seed(0)
+    ys, xs = set(), set()
+    for _ in range(1500):
+        y1, _, x1, _ = hrda.random_crop_box(1024, 1024, generator=g)
+        ys.add(y1)
+        xs.add(x1)
+    assert ys == xs == set(range(0, 505, 8))
+    # a detail crop as large as the input (margin 0 < d - 1): the offset is 0, not an error
+    hrda_full = HRDASegmentor(base, attention_head=ConstAttention(0.5),
+                              cfg=HRDAConfig(detail_crop_ratio=1.0))
+    assert hrda_full.random_crop_box(64, 64, generator=g) == (0, 64, 0, 64)
 
 
 # ---------------------------------------------------------------------------------- fusion math

@@ -64,6 +64,9 @@ Differences from the reference:
 * Training vs. inference behaviour follows ``self.training`` (or an explicit ``mode``), whereas the
   reference distinguishes ``forward_train`` from ``encode_decode``. A teacher that keeps its BN in
   train mode must leave the top-level module in eval mode or pass ``mode="inference"``.
+* Detail-crop offsets where the margin ``H - h`` is below ``crop_divisor - 1``: the reference's
+  ``np.random.randint(0, 0)`` raises, here the offset is 0 (a box that fits exactly); elsewhere
+  the offsets are the reference's, ``randint(0, (H - h + 1) // d) * d``, drawn with torch's RNG.
 * Only two scales ``(context_scale, 1.0)``; the ablation-only ``lr_loss_weight``, ``blur_hr_crop``
   and ``feature_scale='all'`` options are not implemented. The loss lives in
   :mod:`udaseg.adapt.losses`, not in the head.
@@ -268,11 +271,17 @@ class HRDASegmentor(nn.Module):
         self, height: int, width: int, generator: torch.Generator | None = None
     ) -> CropBox:
         """A random detail box ``(y1, y2, x1, x2)`` with offsets that are multiples of
-        ``crop_divisor`` and the box inside the image (torch RNG)."""
+        ``crop_divisor`` (torch RNG), drawn as the reference's ``get_crop_bbox``::
+
+            offset = randint(0, (max(H - h, 0) + 1) // d) * d
+
+        (a 512 crop of 1024 with d = 8: 0..504, 64 positions; the last multiple of d that
+        still fits, 512, is never drawn). Where the margin is smaller than ``d - 1`` the
+        reference's ``randint(0, 0)`` raises; here the offset is then 0."""
         ch, cw = self.detail_crop_size(height, width)
         d = int(self.cfg.crop_divisor)
-        n_y = (height - ch) // d + 1
-        n_x = (width - cw) // d + 1
+        n_y = max((max(height - ch, 0) + 1) // d, 1)
+        n_x = max((max(width - cw, 0) + 1) // d, 1)
         y1 = int(torch.randint(n_y, (1,), generator=generator).item()) * d
         x1 = int(torch.randint(n_x, (1,), generator=generator).item()) * d
         return y1, y1 + ch, x1, x1 + cw
