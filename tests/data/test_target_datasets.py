@@ -8,6 +8,7 @@ encodings (train IDs 0..18 and 255; invalid masks 0/255).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from udaseg.data.datasets.acdc import ACDC
-from udaseg.data.datasets.bdd100k_night import BDD100kNight
+from udaseg.data.datasets.bdd100k_night import BDD100kNight, read_night_list, shipped_night_list
 from udaseg.data.datasets.dark_zurich import DarkZurich
 from udaseg.data.datasets.nighttime_driving import NighttimeDriving
 from udaseg.data.io import DataError, read_image, read_label
@@ -93,17 +94,24 @@ BDD_TRAIN = ("0a0a0b1a-7c39d841", "0d3b6d46-26b7d7e1", "7a8f0fd2-00000000")
 BDD_VAL = ("7d2f7975-e0c1c5a7", "9a0f3fa6-1e0d3bb3")
 
 
-@pytest.fixture
-def tiny_bdd(tmp_path: Path) -> Path:
-    """BDD100K 10k: 3 train + 2 val JPGs with masks; the night list names 2 train + 1 val."""
+def write_bdd(root: Path, ids: dict[str, Sequence[str]], h: int = H, w: int = W) -> Path:
+    """BDD100K's 10k layout: a JPG and a train-ID mask per ``ids[split]`` entry."""
     rng = np.random.default_rng(12)
-    root = tmp_path / "bdd100k"
-    for split, ids in (("train", BDD_TRAIN), ("val", BDD_VAL)):
-        for image_id in ids:
+    for split, split_ids in ids.items():
+        for image_id in split_ids:
             img = root / "images/10k" / split / f"{image_id}.jpg"
             img.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(_rgb(rng)).save(img, quality=95)
-            write_png(root / "labels/sem_seg/masks" / split / f"{image_id}.png", random_label(rng, H, W))
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(img, quality=95)
+            mask = root / "labels/sem_seg/masks" / split / f"{image_id}.png"
+            write_png(mask, random_label(rng, h, w))
+    return root
+
+
+@pytest.fixture
+def tiny_bdd(tmp_path: Path) -> Path:
+    """BDD100K 10k: 3 train + 2 val JPGs with masks; ``night_list.txt`` (a custom list, passed
+    as ``list_file``) names 2 train + 1 val."""
+    root = write_bdd(tmp_path / "bdd100k", {"train": BDD_TRAIN, "val": BDD_VAL})
     (root / "night_list.txt").write_text(
         f"seg/images/train/{BDD_TRAIN[2]}.jpg\n"
         f"seg/images/val/{BDD_VAL[0]}.jpg\n"
@@ -288,8 +296,12 @@ def test_nighttime_driving_missing_label_and_root(tiny_nighttime_driving, tmp_pa
 # ------------------------------------------------------------------------------------ BDD100K night
 
 
+def _listed(root: Path) -> dict:
+    return {"list_file": root / "night_list.txt"}
+
+
 def test_bdd_night_lists_listed_images(tiny_bdd):
-    ds = BDD100kNight(tiny_bdd)
+    ds = BDD100kNight(tiny_bdd, **_listed(tiny_bdd))
     assert len(ds) == 3
     assert [r.name for r in ds.records] == [BDD_TRAIN[0], BDD_TRAIN[2], BDD_VAL[0]]
     for i in range(3):
@@ -300,8 +312,11 @@ def test_bdd_night_lists_listed_images(tiny_bdd):
 
 
 def test_bdd_night_split_filter_and_list_path(tiny_bdd, tmp_path):
-    assert [r.name for r in BDD100kNight(tiny_bdd, "train").records] == [BDD_TRAIN[0], BDD_TRAIN[2]]
-    assert [r.name for r in BDD100kNight(tiny_bdd, "val").records] == [BDD_VAL[0]]
+    def names(split):
+        return [r.name for r in BDD100kNight(tiny_bdd, split, **_listed(tiny_bdd)).records]
+
+    assert names("train") == [BDD_TRAIN[0], BDD_TRAIN[2]]
+    assert names("val") == [BDD_VAL[0]]
     other = tmp_path / "my_list.txt"
     other.write_text(f"images/val/{BDD_VAL[1]}.jpg\n")  # without the seg/ prefix
     assert [r.name for r in BDD100kNight(tiny_bdd, list_file=other).records] == [BDD_VAL[1]]
@@ -309,27 +324,58 @@ def test_bdd_night_split_filter_and_list_path(tiny_bdd, tmp_path):
         BDD100kNight(tiny_bdd, "night")
 
 
-def test_bdd_night_missing_list_file_explains_content(tiny_bdd):
-    (tiny_bdd / "night_list.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"night_list.txt does not exist.*seg/images/train/<id>.jpg.*list_file"):
-        BDD100kNight(tiny_bdd)
+def test_bdd_night_explicit_missing_list_file_explains_content(tiny_bdd):
+    fix = r"nope.txt does not exist.*seg/images/train/<id>.jpg.*list_file"
+    with pytest.raises(FileNotFoundError, match=fix):
+        BDD100kNight(tiny_bdd, list_file=tiny_bdd / "nope.txt")
 
 
 def test_bdd_night_malformed_list_line(tiny_bdd):
     with (tiny_bdd / "night_list.txt").open("a") as fh:
         fh.write("seg/images/test/ac6d4f42-00000000.jpg\n")
     with pytest.raises(DataError, match=r"(?s)malformed lines.*line 5: 'seg/images/test/ac6d4f42-00000000.jpg'"):
-        BDD100kNight(tiny_bdd)
+        BDD100kNight(tiny_bdd, **_listed(tiny_bdd))
 
 
 def test_bdd_night_missing_mask_image_and_root(tiny_bdd, tmp_path):
     (tiny_bdd / "labels/sem_seg/masks/train" / f"{BDD_TRAIN[2]}.png").unlink()
     (tiny_bdd / "images/10k/val" / f"{BDD_VAL[0]}.jpg").unlink()
     with pytest.raises(DataError, match=rf"(?s)2 bdd100k_night entries.*{BDD_TRAIN[2]}.png.*bdd100k_images_10k.zip"):
-        BDD100kNight(tiny_bdd)
-    assert len(BDD100kNight(tiny_bdd, "train", labels=False)) == 2
+        BDD100kNight(tiny_bdd, **_listed(tiny_bdd))
+    assert len(BDD100kNight(tiny_bdd, "train", labels=False, **_listed(tiny_bdd))) == 2
     with pytest.raises(FileNotFoundError, match=r"images/10k does not exist.*bdd100k_sem_seg_labels"):
         BDD100kNight(tmp_path / "nowhere")
+
+
+def test_shipped_night_list_is_refigns_87_images():
+    entries = read_night_list(shipped_night_list())
+    assert len(entries) == len(set(entries)) == 87
+    assert sum(s == "train" for s, _ in entries) == 74 and sum(s == "val" for s, _ in entries) == 13
+    assert ("train", "00aad4a0-ee8135fe") in entries and ("val", "a5fa7888-00000000") in entries
+
+
+@pytest.fixture(scope="module")
+def plain_bdd(tmp_path_factory) -> Path:
+    """A plain BDD100K download holding just the 87 shipped night ids (8x16) and no list file."""
+    ids: dict[str, list[str]] = {"train": [], "val": []}
+    for split, image_id in read_night_list(shipped_night_list()):
+        ids[split].append(image_id)
+    return write_bdd(tmp_path_factory.mktemp("plain") / "bdd100k", ids, h=8, w=16)
+
+
+def test_bdd_night_uses_the_shipped_list_by_default(plain_bdd):
+    assert not any(plain_bdd.glob("*.txt"))
+    assert len(BDD100kNight(plain_bdd)) == 87
+    assert len(BDD100kNight(plain_bdd, "train")) == 74
+    assert len(BDD100kNight(plain_bdd, "val")) == 13
+
+
+def test_prepare_bdd100k_night_on_a_plain_download(plain_bdd, capsys):
+    from udaseg.engine.cli import main
+
+    assert main(["prepare", "bdd100k_night", str(plain_bdd), "--quiet", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "87" in out
 
 
 # --------------------------------------------------------------------------- Dark Zurich extensions

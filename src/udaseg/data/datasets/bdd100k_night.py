@@ -11,44 +11,58 @@ plus a list file naming the night images, one per line, as in the Refign list
     seg/images/train/<id>.jpg
     seg/images/val/<id>.jpg
 
-The real list has 87 entries (74 from train, 13 from val); images are 720x1280 (HxW). The list
-is not shipped with udaseg: put it at ``<root>/night_list.txt`` or pass ``list_file``. Split
-``test`` means every listed image (how the benchmark uses it); ``train`` / ``val`` keep the
-entries of that BDD split only. Only the ``images/<split>/<id>.jpg`` tail of each line is used,
-so lines with or without the leading ``seg/`` both work.
+The list has 87 entries (74 from train, 13 from val); images are 720x1280 (HxW). udaseg ships
+it (``udaseg/resources/bdd100k_night_list.txt``, a copy of
+``data_modules/datasets/lists/images_trainval_night_correct_filenames.txt`` of brdav/refign at
+fd9c5f5), so a plain BDD100K download works as is; ``list_file`` names another list instead
+(a list file in the root is not picked up by itself). Split ``test`` means every
+listed image (how the benchmark uses it); ``train`` / ``val`` keep the entries of that BDD split
+only. Only the ``images/<split>/<id>.jpg`` tail of each line is used, so lines with or without
+the leading ``seg/`` both work.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...errors import ConfigError
 from ..io import DataError
 from ..transforms import Sample
 from .base import Record, SegmentationDataset, report_missing, require_dir
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 BDD_SPLITS = ("train", "val")
 SPLITS = ("test",) + BDD_SPLITS
-DEFAULT_LIST = "night_list.txt"
+SHIPPED_LIST = "bdd100k_night_list.txt"
+"""The 87-image night list packaged in :mod:`udaseg.resources` (the default ``list_file``)."""
 
 LIST_FIX = (
     "The list file names the night images of BDD100K's 10k segmentation set, one per line, "
     "like 'seg/images/train/<id>.jpg' or 'seg/images/val/<id>.jpg' (the 87-line list "
-    "images_trainval_night_correct_filenames.txt from the Refign repository). Save it as "
-    f"<root>/{DEFAULT_LIST} or pass its path as `list_file`."
+    "images_trainval_night_correct_filenames.txt from the Refign repository). Pass its path as "
+    "`list_file`, or leave `list_file` unset to use the list shipped with udaseg."
 )
 
 
+def shipped_night_list() -> Traversable:
+    """The packaged 87-line night list (74 train + 13 val images)."""
+    return files("udaseg.resources").joinpath(SHIPPED_LIST)
+
+
 class BDD100kNight(SegmentationDataset):
-    """BDD100K night images named by a list file, with their train-ID masks.
+    """BDD100K night images named by a list (the shipped 87-image list by default), with masks.
 
     Args:
         root: the BDD100K root (holding ``images/10k/`` and ``labels/sem_seg/masks/``).
         split: ``test`` (every listed image), or ``train`` / ``val`` (the listed images of that
             BDD split).
         labels: load the train-ID masks.
-        list_file: the night list; default ``<root>/night_list.txt``.
+        list_file: another night list; default: the shipped list (:func:`shipped_night_list`).
         views: no extra views exist; accepted so that every loader takes the same arguments.
         transform: joint transform applied to each sample dict.
     """
@@ -78,7 +92,7 @@ class BDD100kNight(SegmentationDataset):
             "(bdd100k_images_10k.zip) and the semantic segmentation labels "
             "(bdd100k_sem_seg_labels_trainval.zip) into the root.",
         )
-        self.list_file = Path(list_file) if list_file is not None else self.root / DEFAULT_LIST
+        self.list_file = Path(list_file) if list_file is not None else shipped_night_list()
         entries = read_night_list(self.list_file)
         wanted = BDD_SPLITS if split == "test" else (split,)
         records, missing = [], []
@@ -99,12 +113,13 @@ class BDD100kNight(SegmentationDataset):
             missing,
             f"bdd100k_night entries of {self.list_file} lack their image or train-ID mask",
             "Extract bdd100k_images_10k.zip and bdd100k_sem_seg_labels_trainval.zip into the "
-            "root without renaming folders, and check that the list belongs to the 10k set.",
+            "root without renaming folders (the night images are in the 10k set, not the 100k "
+            "one), and check that a custom `list_file` belongs to the 10k set.",
         )
         super().__init__(records, transform)
 
 
-def read_night_list(path: Path) -> list[tuple[str, str]]:
+def read_night_list(path: Path | Traversable) -> list[tuple[str, str]]:
     """Parse the night list into sorted, de-duplicated ``(bdd split, image id)`` pairs."""
     if not path.is_file():
         raise FileNotFoundError(f"bdd100k_night list file {path} does not exist. {LIST_FIX}")
