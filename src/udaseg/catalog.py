@@ -17,6 +17,7 @@ DATASETS: dict[str, str] = {
     "nighttime_driving": "udaseg.data.datasets.nighttime_driving:NighttimeDriving",
     "bdd100k_night": "udaseg.data.datasets.bdd100k_night:BDD100kNight",
     "dsec_night": "udaseg.data.datasets.dsec:DSECNightSemantic",
+    "folder": "udaseg.data.datasets.folder:FolderDataset",
 }
 
 

@@ -25,6 +25,8 @@ COMPOSITIONS = {
     "predict/dark_zurich_test": [*_paper("cs2dz", "daformer"), "configs/predict/dark_zurich_test.yaml"],
     "predict/acdc_test": [*_paper("cs2acdc", "daformer"), "configs/predict/acdc_test.yaml"],
     "synthnight/source_only": ["configs/synthnight/source_only.yaml"],
+    "examples/folder_synthnight": ["configs/synthnight/source_only.yaml",
+                                   "configs/examples/folder_synthnight.yaml"],
     "synthnight/dacs": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml"],
     "synthnight/hrda": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
                         "configs/synthnight/hrda.yaml"],

@@ -125,6 +125,8 @@ def check_split(
         report.problems.append(str(exc))
         return report
     report.problems += missing
+    # a loader that decodes its own label format (the folder loader's id/colour maps) checks it
+    label_check = label_check or getattr(ds, "check_label", None)
     records = list(getattr(ds, "records", []))
     report.images = len(records)
     it = _track(records, f"checking {split}", progress)

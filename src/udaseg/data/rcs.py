@@ -32,7 +32,9 @@ Statistics files (DAFormer-compatible, written into the dataset root or a cache 
 * ``sample_class_stats_dict.json``: ``path -> {"<c>": n_c}``;
 * ``samples_with_class.json``: ``"<c>" -> [[path, n_c], ...]``;
 * ``rcs_stats_meta.json`` (ours): number of files and a sha1 fingerprint of the sorted relative
-  label paths, so a cache made for another file list is detected and recomputed.
+  label paths, so a cache made for another file list is detected and recomputed; for a dataset
+  that maps raw label values itself (``dataset.label_decoder``, e.g. the ``folder`` loader's
+  ``id_map``) also the mapping, so changing it recomputes the statistics.
 
 Differences from the reference:
 
@@ -163,9 +165,10 @@ def dataset_fingerprint(dataset: SegmentationDataset) -> str:
     return stats_fingerprint(relative_label_paths(dataset))
 
 
-def _count_label(path: str, num_classes: int) -> dict[int, int]:
-    """{train_id: pixels} of one label file at its original resolution, ignore (255) excluded."""
-    label = read_label(path, num_classes=num_classes)
+def _count_label(path: str, num_classes: int, decode: Callable | None = None) -> dict[int, int]:
+    """{train_id: pixels} of one label file at its original resolution, ignore (255) excluded;
+    ``decode(path)`` reads the train IDs of datasets that map raw values (default: read_label)."""
+    label = decode(path) if decode is not None else read_label(path, num_classes=num_classes)
     counts = np.bincount(label.ravel(), minlength=256)
     counts[IGNORE_INDEX] = 0
     return {int(c): int(counts[c]) for c in np.flatnonzero(counts)}
@@ -188,6 +191,7 @@ def compute_class_stats(
     rel = relative_label_paths(dataset)
     paths = [str(rec.label) for rec in dataset.records]
     num_classes = getattr(dataset, "num_classes", NUM_CLASSES)
+    decode = getattr(dataset, "label_decoder", None)  # picklable path -> train IDs, or None
     n = len(paths)
 
     def _track(it):
@@ -202,9 +206,10 @@ def compute_class_stats(
 
         chunk = max(1, n // (workers * 8))
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            counts = list(_track(pool.map(_count_label, paths, [num_classes] * n, chunksize=chunk)))
+            counts = list(_track(pool.map(_count_label, paths, [num_classes] * n, [decode] * n,
+                                          chunksize=chunk)))
     else:
-        counts = [_count_label(p, num_classes) for p in _track(paths)]
+        counts = [_count_label(p, num_classes, decode) for p in _track(paths)]
     return [{**dict(sorted(c.items())), "file": r} for c, r in zip(counts, rel)]
 
 
@@ -216,7 +221,14 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
-def write_class_stats(root: str | Path, stats: Sequence[ClassStats]) -> None:
+def _labels_key(dataset: SegmentationDataset) -> str | None:
+    """The dataset's raw-value mapping as stored in the meta file (None: plain train IDs)."""
+    return getattr(getattr(dataset, "label_decoder", None), "cache_key", None)
+
+
+def write_class_stats(
+    root: str | Path, stats: Sequence[ClassStats], labels_key: str | None = None
+) -> None:
     """Write the three DAFormer statistics files and ``rcs_stats_meta.json`` into ``root``.
 
     Each file is written to a temporary file and moved into place (``os.replace``); the meta file
@@ -240,6 +252,8 @@ def write_class_stats(root: str | Path, stats: Sequence[ClassStats]) -> None:
         "fingerprint": stats_fingerprint(files),
         "paths": "relative to the dataset root",
     }
+    if labels_key is not None:
+        meta["labels"] = labels_key
     _atomic_write_json(root / STATS_FILE, as_list)
     _atomic_write_json(root / STATS_DICT_FILE, as_dict)
     with_class_json = {str(c): with_class[c] for c in sorted(with_class)}
@@ -334,7 +348,10 @@ def load_or_compute_class_stats(
     cache = Path(cache_dir) if cache_dir is not None else _dataset_root(dataset)
     if (cache / STATS_FILE).is_file():
         meta = _read_meta(cache)
-        if meta is None or meta.get("fingerprint") == want:
+        key = _labels_key(dataset)
+        if (meta is None and key is None) or (
+            meta is not None and meta.get("fingerprint") == want and meta.get("labels") == key
+        ):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -346,7 +363,7 @@ def load_or_compute_class_stats(
                 return sorted(stats, key=lambda e: order[e["file"]])
     stats = compute_class_stats(dataset, workers=workers, progress=progress)
     try:
-        write_class_stats(cache, stats)
+        write_class_stats(cache, stats, _labels_key(dataset))
     except OSError as exc:
         warnings.warn(
             f"could not write the RCS statistics to {cache} ({exc}); they will be recomputed next "

@@ -155,10 +155,12 @@ def prepare_main(argv: list[str]) -> int:
     p.add_argument("--no-rcs", action="store_true", help="skip the rare class sampling statistics")
     p.add_argument("--force", action="store_true", help="rebuild index files that look up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--config", default=None, help="folder only: a training config with a "
+                   "`name: folder` data entry, or a YAML with just the folder options")
     a = p.parse_args(argv)
     result = prepare_dataset(
         a.dataset, a.root, check_only=a.check, workers=a.workers, progress=not a.quiet,
-        rcs=not a.no_rcs, force=a.force, splits=a.splits,
+        rcs=not a.no_rcs, force=a.force, splits=a.splits, config=a.config,
     )
     print(result.check.format())
     return 0 if result.check.ok else 1

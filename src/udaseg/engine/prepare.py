@@ -14,6 +14,7 @@ dark_zurich         (ships trainIds)                                train, val, 
 acdc                (ships trainIds)                                train, val, test
 nighttime_driving   (ships trainIds)                                test
 bdd100k_night       (ships trainIds)                                test
+folder              (settings from ``--config``) RCS statistics      from ``--config``
 ==================  ==============================================  ====================
 
 Every step is idempotent and interruption-safe: converted labels, index files and statistics
@@ -24,6 +25,7 @@ are written to a temporary file and renamed, and a re-run skips what is complete
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +84,8 @@ PREPARATIONS: dict[str, Preparation] = {
     "acdc": Preparation({"train": True, "val": True, "test": False}, optional=("test",)),
     "nighttime_driving": Preparation({"test": True}),
     "bdd100k_night": Preparation({"test": True}),
+    # splits, options and the RCS split come from --config (data.datasets.folder.prepare_settings)
+    "folder": Preparation({}),
 }
 
 
@@ -104,6 +108,7 @@ def prepare_dataset(
     force: bool = False,
     splits: list[str] | None = None,
     log: Callable[[str], None] = print,
+    config: str | Path | None = None,
 ) -> PrepareResult:
     """Prepare (unless ``check_only``) and check dataset ``name`` at ``root``.
 
@@ -116,6 +121,8 @@ def prepare_dataset(
         force: rebuild index files that look up to date (DSEC).
         splits: check only these splits (default: every split the dataset has).
         log: receives one line per step.
+        config: ``folder`` only: a YAML with its settings (a training config or just the
+            folder options, see :func:`udaseg.data.datasets.folder.prepare_settings`).
     """
     from ..errors import ConfigError
 
@@ -124,6 +131,19 @@ def prepare_dataset(
             f"udaseg prepare: unknown dataset {name!r}; choose from {', '.join(PREPARATIONS)}"
         )
     prep = PREPARATIONS[name]
+    if name == "folder":
+        from ..data.datasets.folder import prepare_settings
+
+        if config is None:
+            raise ConfigError(
+                "udaseg prepare folder: pass the folder settings with --config X.yaml (a training "
+                "config with a `name: folder` data entry, or a YAML with just its options)"
+            )
+        fs = prepare_settings(config, root)
+        prep = dataclasses.replace(prep, splits=fs.splits, rcs_split=fs.rcs_split,
+                                   options=fs.options, optional=fs.optional)
+    elif config is not None:
+        raise ConfigError(f"udaseg prepare: --config is read for `folder` only, not {name!r}")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(
