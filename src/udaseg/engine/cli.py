@@ -31,6 +31,7 @@ commands:
   predict    run inference and write predictions
   export-weights  write a checkpoint's segmentor weights as .safetensors (for model.init_weights)
   export     export a trained segmentor to ONNX (dynamic height/width)
+  segment    segment your own images, folders and videos (label, colour and overlay PNGs)
   convert    import a released DAFormer/HRDA/MIC/CISS/CDDA/Refign/ICDA checkpoint (.safetensors)
   check-submission  validate a benchmark-server export (Dark Zurich zip, ACDC folder) before upload
 
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in (*LIGHTNING_COMMANDS, "demo", "synth", "prepare", "export-weights",
-                   "check-submission", "convert", "export"):
+                   "check-submission", "convert", "export", "segment"):
         print(f"udaseg: unknown command {cmd!r}\n\n{HELP}", file=sys.stderr)
         return 2
     try:
@@ -241,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             from ..eval.onnx_export import export_main
 
             return export_main(rest)
+        if cmd == "segment":
+            from ..eval.segment import segment_main
+
+            return segment_main(rest)
         if cmd == "convert":
             from ..models.checkpoint_import import convert_main
 

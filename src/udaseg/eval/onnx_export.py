@@ -397,21 +397,38 @@ def _parse_meta_value(key: str, value: Any) -> Any:
     return value
 
 
-def _read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(segmentor state dict without the ``model.`` prefix, architecture settings found)."""
+def _parse_hrda_meta(value: str) -> dict[str, Any] | None:
+    """The ``hrda`` metadata entry: ``"None"``/``"0"`` (single scale), ``"1"`` (a ``udaseg
+    convert`` file: HRDA with default settings) or a JSON dict of settings."""
+    if value in ("None", "", "0", "false", "False"):
+        return None
+    if value in ("1", "true", "True"):
+        return {}
+    parsed = json.loads(value)
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _read_weights(
+    path: Path, which: Literal["student", "teacher"] = "student"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(segmentor state dict without the ``model.`` / ``algorithm.teacher.model.`` prefix,
+    architecture settings found)."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
     if path.suffix == ".safetensors":
-        from udaseg.models.weights import load_state_dict_file
+        from udaseg.models.weights import read_safetensors
 
-        state = load_state_dict_file(path)
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+        state, meta = read_safetensors(path)
+        if which == "teacher" and meta.get("source_model") != "teacher":
+            raise CheckpointError(
+                f"{str(path)!r} holds one segmentor (exported or converted weights), not the EMA "
+                "teacher; use the student weights, or pass the training checkpoint (.ckpt), or "
+                f"convert its teacher first (udaseg convert CKPT OUT.safetensors --which teacher)"
+            )
         info: dict[str, Any] = {k: _parse_meta_value(k, meta[k]) for k in _ARCH_KEYS if k in meta}
         if "hrda" in meta:
-            info["hrda"] = None if meta["hrda"] == "None" else json.loads(meta["hrda"])
+            info["hrda"] = _parse_hrda_meta(meta["hrda"])
+        which = "student"  # the file's tensors are the selected model
     else:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -429,7 +446,18 @@ def _read_weights(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{str(path)!r}: 'state_dict' is not a mapping")
         state = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, Tensor)}
-    if any(k.startswith("model.") for k in state):
+    if which == "teacher":
+        prefix = "algorithm.teacher.model."
+        if not any(k.startswith(prefix) for k in state):
+            raise CheckpointError(
+                f"{str(path)!r} has no EMA teacher weights ({prefix}*): the run trained without "
+                "self-training (source only) or this is not a udaseg training checkpoint; use "
+                "the student weights"
+            )
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    elif any(k.startswith("model.") for k in state) and not any(
+        k.startswith("scale_attention_head.") for k in state
+    ):  # Lightning's model.*, not a bare HRDA segmentor's own model.* + scale_attention_head.*
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     if not state:
         raise CheckpointError(f"{str(path)!r}: no segmentor weights found")
@@ -441,6 +469,7 @@ def load_segmentor_for_export(
     *,
     overrides: Mapping[str, Any] | None = None,
     hrda: Literal["fused", "single-scale"] = "fused",
+    which: Literal["student", "teacher"] = "student",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the segmentor stored in a udaseg checkpoint and load its weights (strict).
 
@@ -449,14 +478,16 @@ def load_segmentor_for_export(
     file from ``udaseg export-weights`` (the same settings in its metadata), or a plain ``.pth``
     segmentor state dict. ``overrides`` (non-None values win) supplies settings the file lacks.
     For an HRDA checkpoint, ``hrda="fused"`` returns the :class:`HRDASegmentor`, ``"single-scale"``
-    its shared network.
+    its shared network. ``which="teacher"`` loads the EMA teacher (``algorithm.teacher.model.*``)
+    of a Lightning checkpoint (a CheckpointError when it has none, or for a ``.safetensors``
+    file unless ``udaseg convert --which teacher`` wrote it).
 
     Returns:
         ``(segmentor in eval mode, settings used)``; settings has ``hrda`` (a dict or None) and,
         for a Lightning checkpoint, ``inference`` (the test-time config dict) when stored.
     """
     p = Path(path)
-    state, info = _read_weights(p)
+    state, info = _read_weights(p, which)
     for key, value in (overrides or {}).items():
         if value is not None:
             info[key] = value
