@@ -164,3 +164,20 @@ def test_predict_modes_and_outputs() -> None:
     w = torch.nn.Parameter(torch.ones(()))
     assert not predict(lambda x: x * w, images).requires_grad
     assert torch.isfinite(probs).all()
+
+
+def test_whole_inference_resizes_in_two_steps_as_mmseg() -> None:
+    # mmseg: encode_decode resizes the stride-4 logits to the network input (H, W), then
+    # rescale resizes them to the label size; one resize straight to the label size differs
+    g = torch.Generator().manual_seed(0)
+    images = torch.zeros(2, 3, 64, 96)
+    noisy = torch.randn(2, 19, 16, 24, generator=g)
+    out = whole_inference(lambda x: noisy, images, out_size=(100, 150))
+    two_step = F.interpolate(F.interpolate(noisy, size=(64, 96), mode="bilinear"),
+                             size=(100, 150), mode="bilinear")
+    one_step = F.interpolate(noisy, size=(100, 150), mode="bilinear")
+    assert torch.equal(out, two_step)
+    assert (out.argmax(1) != one_step.argmax(1)).any()  # the two orders really differ here
+    # no out_size: one resize to the input size
+    assert torch.equal(whole_inference(lambda x: noisy, images),
+                       F.interpolate(noisy, size=(64, 96), mode="bilinear"))

@@ -81,7 +81,9 @@ def whole_inference(
 
     Returns:
         ``(B, K, H_out, W_out)`` logits (dtype of ``forward_fn``'s output), resized bilinearly
-        with ``align_corners=False``.
+        with ``align_corners=False`` in two steps, as mmseg: first to the network input size
+        ``(H, W)`` (``encode_decode``), then to ``out_size`` (``rescale`` to ``ori_shape``).
+        Straight from stride 4 to ``out_size`` would flip the argmax of some pixels.
     """
     _check_images(images)
     logits = _as_logits(forward_fn(images))
@@ -90,7 +92,8 @@ def whole_inference(
             f"forward_fn returned shape {tuple(logits.shape)} for images "
             f"{tuple(images.shape)}; expected (B, K, h, w) with B={images.shape[0]}"
         )
-    return resize_logits(logits, out_size if out_size is not None else images.shape[-2:])
+    logits = resize_logits(logits, images.shape[-2:])
+    return resize_logits(logits, out_size) if out_size is not None else logits
 
 
 def slide_inference(
