@@ -196,3 +196,35 @@ def test_separate_mode_size_mismatch():
                               weight=torch.ones(2, 8, 8))
     with pytest.raises(ValueError, match="sizes differ"):
         MaskedImageConsistency(MICConfig(mode="separate")).masked_batch(ctx)
+
+
+class HRDAStubStudent(StubStudent):
+    """Fused logits as StubStudent plus a detail crop (rows/cols 0..1) predicting class 0."""
+
+    def __call__(self, x):
+        out = super().__call__(x)
+        detail = torch.zeros(x.shape[0], 2, 2, 2)
+        detail[:, 0] = math.log(3)
+        return SegOutput(logits=out.logits, features=[], detail_logits=detail, crop_box=(0, 2, 0, 2))
+
+
+def test_mic_uses_the_loops_loss_settings_and_scales_only_the_fused_hrda_term():
+    from udaseg.adapt.self_training import SelfTraining
+
+    loop = SelfTraining(torch.nn.Identity(), cfg=None, ce_reduction="valid_pixels",
+                        detail_loss_weight=0.3)
+    ctx = _ctx(HRDAStubStudent())
+    ctx.seg_loss = loop.seg_loss
+    # separate mode: source image 0 (row 0 ignored: 12 valid pixels of class 1, weight 1) and
+    # target image 0 (16 pseudo-label-0 pixels, weight 0.5); lambda_M = 2
+    mic = MaskedImageConsistency(MICConfig(mode="separate", mask_ratio=0.0, weight=2.0))
+    fused = (12 * CE1 + 16 * 0.5 * CE0) / 28  # valid_pixels: divide by the 28 labelled pixels
+    # detail crop rows 0-1, cols 0-1: source has row 0 ignored -> 2 pixels of class 1 (p=1/4
+    # under the detail logits), target 4 pixels of class 0 (p=3/4) with weight 0.5; 6 valid
+    detail = (2 * CE0 + 4 * 0.5 * CE1) / 6
+    assert mic(ctx).item() == pytest.approx(2.0 * 0.7 * fused + 0.3 * detail)
+    scoped_all = MaskedImageConsistency(MICConfig(mode="separate", mask_ratio=0.0, weight=2.0,
+                                                  weight_scope="all"))
+    assert scoped_all(ctx).item() == pytest.approx(2.0 * (0.7 * fused + 0.3 * detail))
+    with pytest.raises(ValueError, match="weight_scope"):
+        MaskedImageConsistency(MICConfig(weight_scope="detail"))  # type: ignore[arg-type]

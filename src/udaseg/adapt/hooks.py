@@ -88,9 +88,10 @@ class StepContext:
     mixed_out: SegOutput | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     outputs: dict[str, SegOutput] = field(default_factory=dict)
-    seg_loss: Callable[[SegOutput, Tensor, Tensor | None], Tensor] | None = None
-    """The loop's segmentation loss ``(output, label, weight) -> loss`` (its CE reduction and
-    HRDA detail weight), for hooks that add CE terms on other views."""
+    seg_loss: Callable[..., Tensor] | None = None
+    """The loop's segmentation loss ``(output, label, weight=None, fused_scale=1.0) -> loss`` (its
+    CE reduction and HRDA detail weight), for hooks that add CE terms on other views;
+    ``fused_scale`` multiplies the fused term alone (mmseg's per-key loss scaling under HRDA)."""
     strong_aug: Any = None
     """The loop's :class:`~udaseg.adapt.mixing.StrongAugConfig` (for views augmented alike)."""
 

@@ -64,15 +64,20 @@ def segmentation_loss(
     weight: torch.Tensor | None = None,
     reduction: Reduction = "all_pixels",
     detail_weight: float = 0.1,
+    fused_scale: float = 1.0,
 ) -> torch.Tensor:
     """CE of a segmentor output; for multi-resolution outputs (HRDA, spec 7.3)::
 
-        L = (1 - lambda_d) * CE(y_fused, y) + lambda_d * CE(y_detail, crop(y, b))
+        L = s * (1 - lambda_d) * CE(y_fused, y) + lambda_d * CE(y_detail, crop(y, b))
 
     with ``lambda_d = detail_weight`` (0.1) and the detail crop box b in input pixels (training
-    labels are at input resolution). Pixel weights are cropped the same way.
+    labels are at input resolution). Pixel weights are cropped the same way. ``s =
+    fused_scale`` (1) scales the fused (for single-resolution outputs: the only) term alone, as
+    mmseg's ``losses['decode.loss_seg'] *= lambda`` does (MIC's weight under HRDA).
     """
     loss = seg_cross_entropy(out.logits, target, weight, reduction)
+    if fused_scale != 1.0:
+        loss = fused_scale * loss
     if out.detail_logits is None or out.crop_box is None:
         return loss
     y1, y2, x1, x2 = out.crop_box

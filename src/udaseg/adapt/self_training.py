@@ -109,9 +109,13 @@ class SelfTraining(nn.Module):
             [h for h in (*self.refiners, self.mixer, *self.aux_losses) if isinstance(h, nn.Module)]
         )
 
-    def seg_loss(self, out, label: Tensor, weight: Tensor | None = None) -> Tensor:
+    def seg_loss(self, out, label: Tensor, weight: Tensor | None = None,
+                 fused_scale: float = 1.0) -> Tensor:
+        """The loop's CE (its reduction and HRDA detail weight); ``fused_scale`` scales the fused
+        term only (:func:`~udaseg.adapt.losses.segmentation_loss`)."""
         return segmentation_loss(
-            out, label, weight, reduction=self.ce_reduction, detail_weight=self.detail_loss_weight
+            out, label, weight, reduction=self.ce_reduction, detail_weight=self.detail_loss_weight,
+            fused_scale=fused_scale,
         )
 
     def _aux(self, ctx: StepContext, stage: str) -> Tensor | None:

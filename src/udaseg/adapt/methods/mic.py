@@ -12,10 +12,12 @@ block-masked copy, so it has to use context. With blocks of b x b pixels, Eq.::
 
 p_T and q_T are the DACS teacher's **unmixed** pseudo-labels and weights (``ctx.pseudo``),
 computed on the unmasked, un-augmented target image; no extra teacher is built (MIC's 'same'
-alpha/threshold). The CE is the loop's pixel-weighted CE
-(:func:`~udaseg.adapt.losses.segmentation_loss`: mmseg mean over all pixels; for HRDA students the
-fused + detail loss) and
-L_M enters the target stage with weight lambda_M. Masking is done after the colour augmentation,
+alpha/threshold). The CE is the loop's own loss ``ctx.seg_loss`` (its ``ce_reduction`` and HRDA
+detail weight; mmseg mean over all pixels by default; for HRDA students
+``(1 - lambda_d) CE_fused + lambda_d CE_detail``) and L_M enters the target stage with weight
+lambda_M. Under HRDA the reference scales only the fused term (``masked_loss['decode.loss_seg']
+*= mask_lambda``), i.e. ``lambda_M (1 - lambda_d) CE_fused + lambda_d CE_detail``; so does
+``weight_scope: fused`` (default). Without HRDA both scopes are lambda_M * CE. Masking is done after the colour augmentation,
 on the normalised image, so masked pixels are 0 there (the dataset-mean colour).
 
 Defaults: block size b = 64, mask ratio r = 0.7, lambda_M = 1 (``mask_block_size``,
@@ -44,6 +46,8 @@ Differences from the reference:
   the batch), with that module's default (ImageNet) normalisation.
 - L_M is returned to the loop, which sums it with the mixed loss into one backward (the reference
   calls a separate ``backward()``; the gradients are the same).
+- ``weight_scope: all`` (not the reference) multiplies the whole HRDA loss, detail term
+  included, by lambda_M.
 - The ablation-only modes (``separatesrc``, ``separatesrcaug``, ``separatetrg``, ``separateaug``)
   and a separate MIC teacher (alpha/threshold other than 'same') are not implemented.
 """
@@ -124,6 +128,8 @@ class MICConfig:
     """Jitter is applied when u > this value (probability 0.8)."""
     blur: bool = True
     """Gaussian blur (probability 0.5) in the ``*aug`` mode."""
+    weight_scope: Literal["fused", "all"] = "fused"
+    """What lambda_M scales under HRDA: the fused term only (reference) or the whole loss."""
 
 
 @dataclass
@@ -148,7 +154,8 @@ class MaskedImageConsistency:
 
     Args:
         cfg: MIC settings; None uses :class:`MICConfig` defaults.
-        reduction: CE reduction, as the loop's ``ce_reduction`` (mmseg: "all_pixels").
+        reduction: CE reduction used only when the step context carries no ``seg_loss`` (the
+            loop always provides its own; this is for standalone use).
         generator: optional torch generator for the block masks and the colour augmentation
             (default: the global torch RNG, as the reference).
     """
@@ -167,6 +174,10 @@ class MaskedImageConsistency:
             raise ValueError(
                 f"MICConfig.mode: got {self.cfg.mode!r}; "
                 "supported modes: 'separate', 'separatetrgaug'"
+            )
+        if self.cfg.weight_scope not in ("fused", "all"):
+            raise ValueError(
+                f"MICConfig.weight_scope: got {self.cfg.weight_scope!r}; use 'fused' or 'all'"
             )
         self.reduction = reduction
         self.generator = generator
@@ -210,5 +221,12 @@ class MaskedImageConsistency:
         """lambda_M * L_M for the current step."""
         batch = self.masked_batch(ctx)
         out = ctx.student(batch.image)
-        loss = segmentation_loss(out, batch.label, batch.weight, reduction=self.reduction)
-        return self.cfg.weight * loss
+        if ctx.seg_loss is not None:
+            seg_loss = ctx.seg_loss
+        else:  # standalone use: mmseg's CE with this hook's reduction
+            def seg_loss(o, y, w, fused_scale=1.0):
+                return segmentation_loss(o, y, w, reduction=self.reduction,
+                                         fused_scale=fused_scale)
+        if self.cfg.weight_scope == "fused":
+            return seg_loss(out, batch.label, batch.weight, fused_scale=self.cfg.weight)
+        return self.cfg.weight * seg_loss(out, batch.label, batch.weight)
