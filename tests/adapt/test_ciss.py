@@ -405,3 +405,97 @@ def test_self_training_with_ciss_logs_its_terms(hrda):
         assert {"ciss_src_inv", "ciss_src_ce"} <= set(losses)
     else:
         assert losses["ciss_src"] > 0
+
+
+def test_target_class_average_uses_the_unmixed_pseudo_label():
+    student = _student()
+    ctx, _ = _target_ctx(student)
+    g = torch.Generator().manual_seed(7)
+    # blocky labels, so that the 0.75 majority downscale keeps them
+    pl = torch.randint(0, 4, (2, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    ctx.mixed.label = torch.where(ctx.mixed.mask[:, 0] > 0, torch.zeros_like(pl), pl)
+    ctx.pseudo = PseudoLabels(label=pl, weight=torch.ones(2, 32, 32))
+    cfg = CISSConfig(target=CISSTargetTerms(ce_mixes=[("original", "original")]),
+                     invariance={"class_average": True})
+    hook = CISSTargetLoss(cfg)
+    value = hook(ctx)
+    inv = FeatureInvariance(class_average=True)
+    with torch.no_grad():
+        m_ss = ctx.mixed.mask * ctx.source["stylized"] + (1 - ctx.mixed.mask) * ctx.target["stylized"]
+        fa, fb = student(ctx.mixed.image).features, student(m_ss).features
+        want = 20.0 * inv(fa, fb, pl)
+        mixed = 20.0 * inv(fa, fb, ctx.mixed.label)
+    assert value.item() == pytest.approx(want.item(), rel=1e-5)
+    assert want.item() > 0
+    assert abs(want.item() - mixed.item()) > 1e-4 * want.item()  # the labels matter here
+    ctx.pseudo = None
+    with pytest.raises(ValueError, match="ctx.pseudo"):
+        hook(ctx)
+
+
+def test_target_average_ce_halves_each_of_two_mixes():
+    student = _student()
+    ctx, loop = _target_ctx(student)
+    mixes = [("original", "original"), ("stylized", "original")]
+    cfg = CISSConfig(target=CISSTargetTerms(ce_mixes=mixes, invariance_pairs=(), average_ce=True))
+    assert cfg.upstream_name().endswith("trg_ceorigorig_cestylizedorig_avgce")
+    (loop + CISSTargetLoss(cfg)(ctx)).backward()
+    got = _grads(student)
+    student.zero_grad()
+    m, label, weight = ctx.mixed.mask, ctx.mixed.label, ctx.mixed.weight
+    intended = 0.5 * segmentation_loss(student(ctx.mixed.image), label, weight)
+    sty = m * ctx.source["stylized"] + (1 - m) * ctx.target["image"]
+    intended = intended + 0.5 * segmentation_loss(student(sty), label, weight)
+    intended.backward()
+    want = _grads(student)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want, strict=True))
+    # a single mix is not averaged (the reference divides only when there are several)
+    one = CISSConfig(target=CISSTargetTerms(ce_mixes=mixes[:1], invariance_pairs=(),
+                                            average_ce=True))
+    assert CISSTargetLoss(one).ce_scale == 1.0
+
+
+def test_output_invariance_single_resolution_and_hrda_pair():
+    from udaseg.models.segmentor import SegOutput
+
+    g = torch.Generator().manual_seed(3)
+    fa, fb = _feats(1), _feats(2)
+    la, lb = torch.randn(1, 2, 4, 4, generator=g), torch.randn(1, 2, 4, 4, generator=g)
+    inv = FeatureInvariance((1,), (1.0,), output_weight=0.5)
+    a, b = SegOutput(logits=la, features=fa), SegOutput(logits=lb, features=fb)
+    want = ((fa[0] - fb[0]) ** 2).mean() + 0.5 * ((la - lb) ** 2).mean()
+    assert inv.between(a, b).item() == pytest.approx(want.item(), rel=1e-6)
+    # HRDA training outputs: (1 - 0.1) d(context logits) + 0.1 d(detail logits)
+    ca, cb = torch.randn(1, 2, 2, 2, generator=g), torch.randn(1, 2, 2, 2, generator=g)
+    da, db = torch.randn(1, 2, 2, 2, generator=g), torch.randn(1, 2, 2, 2, generator=g)
+    a = SegOutput(la, fa, detail_logits=da, crop_box=(0, 8, 0, 8), extras={"context_logits": ca})
+    b = SegOutput(lb, fb, detail_logits=db, crop_box=(8, 16, 8, 16), extras={"context_logits": cb})
+    d_out = 0.9 * ((ca - cb) ** 2).mean() + 0.1 * ((da - db) ** 2).mean()
+    assert inv.output_distance(a, b).item() == pytest.approx(d_out.item(), rel=1e-6)
+    # through the hook on a real student: lambda_s * (features + w_o * logits)
+    student, src = _student(), _source()
+    ctx, _ = _source_ctx(student, src)
+    cfg = CISSConfig(invariance={"output_weight": 2.0, "class_average": False})
+    assert "invoutput" in cfg.upstream_name()
+    value = CISSSourceLoss(cfg)(ctx)
+    with torch.no_grad():
+        o, s = student(src["image"]), student(src["stylized"])
+        want = 50.0 * (FeatureInvariance()(o.features, s.features)
+                       + 2.0 * ((o.logits - s.logits) ** 2).mean())
+    assert value.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_hrda_training_output_exposes_the_attention_weighted_context_logits():
+    from udaseg.models.hrda import HRDAConfig, build_hrda
+
+    torch.manual_seed(0)
+    model = build_hrda("mit_tiny", "segformer", num_classes=3, head_channels=16,
+                       cfg=HRDAConfig()).eval()  # eval: no dropout, so two passes agree
+    x = torch.randn(1, 3, 64, 64)
+    out = model.forward_train(x)
+    # context logits on the 32x32 context view (stride 4: 8x8), times 1 - masked attention
+    features, y_c, a = model._context(x)
+    y1, y2, x1, x2 = out.crop_box
+    mask = torch.zeros_like(a[:, :1])
+    mask[:, :, y1 // 8:y2 // 8, x1 // 8:x2 // 8] = 1
+    assert torch.allclose(out.extras["context_logits"], (1 - a * mask) * y_c, atol=1e-6)

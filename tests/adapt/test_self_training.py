@@ -86,3 +86,33 @@ def test_config_alpha_reaches_the_teacher():
         algo.step(s, src, tgt, step=t, backward=lambda l: l.backward())
     # at t = 50 the alpha used is capped by the configured 0.9, not the default 0.999
     assert algo.teacher.update(s, 50) == 0.9
+
+
+def test_mixed_batch_contract_mixer_image_unaugmented_loop_image_augmented(monkeypatch):
+    from udaseg.adapt import mixing
+    from udaseg.adapt.mixing import ClassMix
+
+    returned, seen = [], []
+
+    class SpyMixer:
+        def __call__(self, ctx, pseudo):
+            mixed = ClassMix()(ctx, pseudo)
+            returned.append(mixed.image.clone())
+            return mixed
+
+    class SpyLoss:
+        name, stage = "spy", "target"
+
+        def __call__(self, ctx):
+            seen.append(ctx.mixed)
+            return ctx.mixed_out.logits.sum() * 0.0
+
+    monkeypatch.setattr(mixing, "strong_augment",
+                        lambda x, cfg, return_gates=False, **kw: (x + 1.0, (True, False)))
+    s = student()
+    algo = SelfTraining(s, DACSConfig(), mixer=SpyMixer(), aux_losses=[SpyLoss()])
+    algo.step(s, batch(seed=1), {"image": batch(seed=2)["image"]}, 0, lambda l: l.backward())
+    (mixed,) = seen
+    assert torch.equal(mixed.unaugmented, returned[0])  # the Mixer's plain mix
+    assert torch.equal(mixed.image, returned[0] + 1.0)  # what the student saw
+    assert mixed.aug_gates == (True, False)

@@ -52,13 +52,21 @@ class PseudoLabels:
 class MixedBatch:
     """The image the student sees in the target pass and its supervision.
 
+    Contract: a Mixer returns ``image`` as the plain mix (normalised, **not** augmented). The loop
+    then applies the strong augmentation: it moves the Mixer's image to ``unaugmented``, stores
+    the augmented one in ``image`` (what the student sees) and records the decisions in
+    ``aug_gates``. Target-stage hooks (``ctx.mixed``) therefore see ``image`` augmented and
+    ``unaugmented`` as mixed.
+
     Attributes:
-        image: (B, 3, H, W) normalised image (before strong augmentation).
+        image: (B, 3, H, W) normalised image: the plain mix when returned by a Mixer, the
+            strongly augmented student input once the loop has set ``aug_gates``.
         label: (B, H, W) int64 labels (source labels where ``mask`` is 1, pseudo-labels elsewhere).
         weight: (B, H, W) float pixel weights.
         mask: (B, 1, H, W) float, 1 where the pixel comes from the source image.
         aug_gates: the (colour jitter, blur) decisions of the strong augmentation applied to
             ``image`` by the loop (set after augmentation), for views mixed the same way (CISS).
+        unaugmented: the Mixer's image before strong augmentation (set by the loop).
     """
 
     image: Tensor
@@ -66,6 +74,7 @@ class MixedBatch:
     weight: Tensor
     mask: Tensor
     aug_gates: tuple[bool, bool] | None = None
+    unaugmented: Tensor | None = None
 
 
 @dataclass

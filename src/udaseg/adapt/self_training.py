@@ -180,6 +180,7 @@ class SelfTraining(nn.Module):
 
         # (3) mixing and strong augmentation, then the mixed pass (+ target-stage aux losses)
         mixed = self.mixer(ctx, pseudo)
+        mixed.unaugmented = mixed.image
         mixed.image, mixed.aug_gates = strong_augment(mixed.image, self.aug_cfg, return_gates=True)
         ctx.mixed = mixed
         ctx.mixed_out = student(mixed.image)

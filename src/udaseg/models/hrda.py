@@ -359,7 +359,8 @@ class HRDASegmentor(nn.Module):
         y_d_ins = F.pad(y_d, (x1 // hr, w_out - x2 // hr, y1 // hr, h_out - y2 // hr))
         fused = self.fuse(y_c, a, y_d_ins)
         return SegOutput(
-            logits=fused, features=features, detail_logits=y_d, crop_box=(y1, y2, x1, x2)
+            logits=fused, features=features, detail_logits=y_d, crop_box=(y1, y2, x1, x2),
+            extras={"context_logits": (1.0 - a) * y_c},
         )
 
     def forward_inference(self, x: Tensor) -> SegOutput:

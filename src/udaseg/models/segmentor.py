@@ -13,7 +13,7 @@ Backbone contract (MiT now, DINOv2 later): an ``nn.Module`` whose ``forward(x)``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
@@ -62,12 +62,16 @@ class SegOutput:
         detail_logits: multi-resolution segmentors (HRDA) only: ``(B, K, h_d, w_d)`` logits of the
             high-resolution detail crop; None otherwise.
         crop_box: the detail crop ``(y1, y2, x1, x2)`` in input-pixel coordinates, or None.
+        extras: further named outputs of a segmentor (HRDA training: ``"context_logits"``, the
+            context-branch logits already multiplied by ``1 - a``; multi-branch segmentors: their
+            branch logits). Consumers look them up by name and must not require them.
     """
 
     logits: Tensor
     features: list[Tensor]
     detail_logits: Tensor | None = None
     crop_box: tuple[int, int, int, int] | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 class EncoderDecoder(nn.Module):

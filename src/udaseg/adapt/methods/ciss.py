@@ -21,6 +21,14 @@ student the stages of the context/LR pass, which see the whole crop and so are p
 Class-averaged option (``class_average``): e(p) = mean_c (a - b)^2 (or |a - b|) per feature cell,
 label y downscaled to the feature grid with FD's 0.75 majority rule (255 = ignore), then
 d = mean over the classes k present of [ mean of e(p) over the cells p with y(p) = k ].
+The label is the source ground truth for source pairs and the teacher's **unmixed** pseudo-label
+yhat_t for target pairs (as the reference's ``gt=pseudo_label``), not the mixed label.
+
+Output invariance (``invariance.output_weight`` w_o > 0, upstream ``inv_output``, weights
+[0, 0, 0, 0, w]): adds w_o * d(logits(a), logits(b)) to L_inv; for an HRDA student
+(1 - lambda_d) d(y_c(a), y_c(b)) + lambda_d d(y_d(a), y_d(b)) with y_c the context logits already
+multiplied by (1 - attention) and y_d the detail-crop logits (lambda_d the loop's HRDA detail
+weight), as the reference's [LR, HR] pair.
 
 Per iteration (final CISS, upstream ``src_ceorig_inv_trg_ceorigorig_invorigorigstylizedstylized``)::
 
@@ -62,9 +70,10 @@ Configuration (readable switches; upstream name tokens in brackets, spec 1.7)::
                          [ceorigorig, cestylizedstylized, ...]             [(original, original)]
     target.invariance_pairs  lambda_t * L_inv(view_a, view_b) per listed pair of mixes
                          [invorigorigstylizedstylized]     [((original, original), (stylized, stylized))]
+    target.average_ce    divide the target CE terms by their number when > 1      [avgce]   False
     target.pseudo_labels "original" | "stylized" (teacher on x~_t)  [pseudostylized]   "original"
     invariance.{levels, level_weights, norm, weight_source, weight_target, stop_grad,
-                class_average}                    [inv_loss.{norm, weight, weight_target, class_average}]
+                class_average, output_weight}                    [inv_loss.{norm, weight, weight_target, class_average}]
 
 :meth:`CISSConfig.upstream_name` spells a configuration in the upstream scheme.
 
@@ -93,7 +102,14 @@ Differences from the reference:
   (the loop always makes that pass), so a teacher whose BatchNorm is in train mode sees two
   target batches per step; the pseudo-label crop of the loop is kept, the threshold and weight
   mode are the refiner's own (DACS defaults 0.968, ``batch_scalar``).
-- ``class_average`` averages each class over the whole batch [inferred].
+- ``class_average`` averages each class over the whole batch [inferred]. A batch whose label is
+  all-ignore gives 0 (the reference divides by zero). The reference crops the label to the HR
+  box when it class-averages the second entry of a feature "pair", which under its indexing is
+  encoder stage 2 of the context pass (a label/feature mismatch); here every encoder level uses
+  the whole label, and only the detail-logit term of ``output_weight`` uses the cropped label.
+- With ``output_weight`` the HRDA detail-logit term compares two independently drawn detail
+  crops, as in the reference; the crop box of the second view crops the class-average label
+  (the reference uses the crop box of its last forward pass, the second view's).
 - The one-time CE consistency check above is new.
 """
 
@@ -183,6 +199,9 @@ class FeatureInvariance:
             classes present (needs ``label``).
         scale_min_ratio: majority fraction of the label downscale for ``class_average`` (0.75).
         num_classes, ignore_index: label range for ``class_average``.
+        output_weight: w_o of the distance between the two views' network outputs
+            (:meth:`between`); 0 compares features only.
+        detail_weight: lambda_d weighting the HRDA detail logits in the output distance.
     """
 
     def __init__(
@@ -195,6 +214,8 @@ class FeatureInvariance:
         scale_min_ratio: float = 0.75,
         num_classes: int = NUM_CLASSES,
         ignore_index: int = IGNORE_INDEX,
+        output_weight: float = 0.0,
+        detail_weight: float = 0.1,
     ) -> None:
         levels, level_weights = tuple(int(v) for v in levels), tuple(float(w) for w in level_weights)
         if not levels or any(v < 1 for v in levels) or len(set(levels)) != len(levels):
@@ -221,6 +242,10 @@ class FeatureInvariance:
         self.scale_min_ratio = float(scale_min_ratio)
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
+        if output_weight < 0:
+            raise ValueError(f"FeatureInvariance: output_weight must be >= 0, got {output_weight}")
+        self.output_weight = float(output_weight)
+        self.detail_weight = float(detail_weight)
 
     def _elementwise(self, a: Tensor, b: Tensor) -> Tensor:
         diff = a.float() - b.float()
@@ -285,6 +310,27 @@ class FeatureInvariance:
             total = d if total is None else total + d
         return total
 
+    def output_distance(self, out_a: SegOutput, out_b: SegOutput,
+                        label: Tensor | None = None) -> Tensor:
+        """d between two views' network outputs: the logits, or for HRDA training outputs
+        (1 - lambda_d) d(context logits) + lambda_d d(detail logits) (module docstring)."""
+        ctx_a, ctx_b = out_a.extras.get("context_logits"), out_b.extras.get("context_logits")
+        if (ctx_a is None or ctx_b is None or out_a.detail_logits is None
+                or out_b.detail_logits is None or out_b.crop_box is None):
+            return self.distance(out_a.logits, out_b.logits, label)
+        y1, y2, x1, x2 = out_b.crop_box
+        detail_label = label[..., y1:y2, x1:x2] if label is not None else None
+        lr = self.distance(ctx_a, ctx_b, label)
+        hr = self.distance(out_a.detail_logits, out_b.detail_logits, detail_label)
+        return (1.0 - self.detail_weight) * lr + self.detail_weight * hr
+
+    def between(self, out_a: SegOutput, out_b: SegOutput, label: Tensor | None = None) -> Tensor:
+        """L_inv of two segmentor outputs: the feature levels plus w_o times the output distance."""
+        total = self(out_a.features, out_b.features, label)
+        if self.output_weight:
+            total = total + self.output_weight * self.output_distance(out_a, out_b, label)
+        return total
+
 
 # ----------------------------------------------------------------------------------------------
 # configuration
@@ -325,6 +371,8 @@ class CISSTargetTerms:
     """lambda_t * L_inv(view_a, view_b) for each listed pair (``inv: [((a, b), (c, d)), ...]``)."""
     pseudo_labels: Literal["original", "stylized"] = "original"
     """Teacher input for the pseudo-labels: the original target or x~_t (``pseudostylized``)."""
+    average_ce: bool = False
+    """With more than one CE mix, multiply each by 1 / (number of mixes) (target ``avgce``)."""
 
     def __post_init__(self) -> None:
         where = "CISSConfig.target"
@@ -367,7 +415,10 @@ class InvarianceSettings:
     """"none" (reference), "original" or "stylized": which view is detached (for target pairs,
     "original" is the first view of a pair and "stylized" the second)."""
     class_average: bool = False
-    """Class-averaged distance (``invclassavg``): source GT / mixed label, 0.75 downscale rule."""
+    """Class-averaged distance (``invclassavg``): source GT / unmixed target pseudo-label, 0.75
+    downscale rule."""
+    output_weight: float = 0.0
+    """w_o of the invariance on the network outputs (``inv_output``); 0 = off (final CISS)."""
     scale_min_ratio: float = 0.75
     """Majority fraction of the label downscale used by ``class_average``."""
 
@@ -431,13 +482,15 @@ class CISSConfig:
         w = self.invariance.weight_target
         return self.weight_source if w is None else float(w)
 
-    def feature_invariance(self, num_classes: int = NUM_CLASSES) -> FeatureInvariance:
+    def feature_invariance(self, num_classes: int = NUM_CLASSES,
+                           detail_weight: float = 0.1) -> FeatureInvariance:
         levels, weights = self.resolved_levels()
         inv = self.invariance
         return FeatureInvariance(
             levels, weights, norm=inv.norm, stop_grad=inv.stop_grad,
             class_average=inv.class_average, scale_min_ratio=inv.scale_min_ratio,
-            num_classes=num_classes,
+            num_classes=num_classes, output_weight=inv.output_weight,
+            detail_weight=detail_weight,
         )
 
     def source_ce_coefficients(self) -> tuple[float, float]:
@@ -458,10 +511,14 @@ class CISSConfig:
         trg = ["ce" + "".join(_STYLE_TOKEN[x] for x in mix) for mix in t.ce_mixes]
         trg += ["inv" + "".join(_STYLE_TOKEN[x] for v in pair for x in v)
                 for pair in t.invariance_pairs]
+        if t.average_ce:
+            trg.append("avgce")
         if t.pseudo_labels == "stylized":
             trg.append("pseudostylized")
         if self.invariance.class_average:
             trg.append("invclassavg")
+        if self.invariance.output_weight:
+            trg.append("invoutput")
         return "_".join(["src", *src, "trg", *trg])
 
 
@@ -541,7 +598,7 @@ class CISSSourceLoss:
     def __init__(self, cfg: CISSConfig, reduction: Reduction = "all_pixels",
                  detail_weight: float = 0.1, num_classes: int = NUM_CLASSES) -> None:
         self.cfg = cfg
-        self.invariance = cfg.feature_invariance(num_classes)
+        self.invariance = cfg.feature_invariance(num_classes, detail_weight)
         self.weight = cfg.weight_source
         self.ce_original, self.ce_stylized = cfg.source_ce_coefficients()
         self.loop_ce = _LoopCE(reduction, detail_weight, "src", "CISSSourceLoss")
@@ -556,8 +613,8 @@ class CISSSourceLoss:
             x_sty = require_view(ctx.source, "stylized", "source")
             out_sty = ctx.student_forward("source/stylized", x_sty)
         if self.cfg.source.invariance:
-            parts["ciss_src_inv"] = self.weight * self.invariance(
-                ctx.source_out.features, out_sty.features, label
+            parts["ciss_src_inv"] = self.weight * self.invariance.between(
+                ctx.source_out, out_sty, label
             )
         ce = None
         if self.ce_original != 1.0:  # the loop already added 1 x CE(x_s)
@@ -597,12 +654,14 @@ class CISSTargetLoss:
         from ..mixing import StrongAugConfig
 
         self.cfg = cfg
-        self.invariance = cfg.feature_invariance(num_classes)
+        self.invariance = cfg.feature_invariance(num_classes, detail_weight)
         self.weight = cfg.weight_target
         self.aug_given = aug is not None
         self.aug = aug if aug is not None else StrongAugConfig(order_per_image=True)
         self.generator = generator
         self.ce_counts = Counter(cfg.target.ce_mixes)
+        n = len(cfg.target.ce_mixes)
+        self.ce_scale = 1.0 / n if (cfg.target.average_ce and n > 1) else 1.0
         self.loop_ce = _LoopCE(reduction, detail_weight, "mix", "CISSTargetLoss")
 
     def mixed_view(self, ctx: StepContext, styles: tuple[str, str]) -> Tensor:
@@ -642,24 +701,29 @@ class CISSTargetLoss:
         if ctx.mixed is None or ctx.mixed_out is None:
             raise ValueError("CISSTargetLoss runs at stage 'target': ctx.mixed is not set")
         label, weight = ctx.mixed.label, ctx.mixed.weight
+        # class-averaged invariance: the teacher's unmixed pseudo-label (reference gt=pseudo_label)
+        inv_label = ctx.pseudo.label if ctx.pseudo is not None else None
+        if self.invariance.class_average and inv_label is None:
+            raise ValueError("CISSTargetLoss: class_average needs ctx.pseudo (the pseudo-labels)")
         parts: dict[str, Tensor] = {}
         inv = None
         for a, b in self.cfg.target.invariance_pairs:
-            d = self.invariance(
-                self.view_output(ctx, a).features, self.view_output(ctx, b).features, label
+            d = self.invariance.between(
+                self.view_output(ctx, a), self.view_output(ctx, b), inv_label
             )
             inv = _add(inv, d)
         if inv is not None:
             parts["ciss_trg_inv"] = self.weight * inv
         ce = None
         oo = ("original", "original")
-        if self.ce_counts.get(oo, 0) != 1:  # the loop already added 1 x CE(m_oo)
-            ce = (self.ce_counts.get(oo, 0) - 1.0) * self.loop_ce(
-                ctx, ctx.mixed_out, label, weight)
+        c_oo = self.ce_scale * self.ce_counts.get(oo, 0)
+        if c_oo != 1.0:  # the loop already added 1 x CE(m_oo)
+            ce = (c_oo - 1.0) * self.loop_ce(ctx, ctx.mixed_out, label, weight)
         for styles, count in self.ce_counts.items():
             if styles == oo:
                 continue
-            ce = _add(ce, count * self.loop_ce.plain(ctx, self.view_output(ctx, styles), label, weight))
+            ce = _add(ce, self.ce_scale * count
+                      * self.loop_ce.plain(ctx, self.view_output(ctx, styles), label, weight))
         if ce is not None:
             parts["ciss_trg_ce"] = ce
         return _sum_parts(ctx, parts, ctx.mixed_out.logits)
