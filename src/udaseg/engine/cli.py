@@ -71,6 +71,9 @@ def lightning_main(argv: list[str] | None) -> int:
     from lightning.pytorch.cli import LightningCLI
 
     from .callbacks import AtomicCheckpointIO, PreemptionCheckpoint, SaveConfigKeepingPrevious
+    from .quiet import quiet_lightning
+
+    quiet_lightning()
     from .datamodule import UDADataModule
     from .module import UDAModule
 

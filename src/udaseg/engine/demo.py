@@ -225,17 +225,6 @@ def write_overlays(cfg: DemoConfig, module, dm, out: Path, run: str) -> None:
         save_overlays(out / "overlays" / run / split, images, preds, gts, names)
 
 
-def quiet_lightning() -> None:
-    """Keep the demo's output to what a person reads: no Lightning tips or upstream deprecations."""
-    import logging
-    import warnings
-
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-
-
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo; returns ``{run: {split: IoUResult}}``."""
     import torch
@@ -249,6 +238,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         write_metrics_json,
     )
     from ..models.weights import save_segmentor_weights
+    from .quiet import quiet_lightning
 
     quiet_lightning()
     console = Console()
