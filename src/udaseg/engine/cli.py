@@ -71,11 +71,11 @@ def lightning_main(argv: list[str] | None) -> int:
     from lightning.pytorch.cli import LightningCLI
 
     from .callbacks import AtomicCheckpointIO, PreemptionCheckpoint, SaveConfigKeepingPrevious
+    from .datamodule import UDADataModule
+    from .module import UDAModule
     from .quiet import quiet_lightning
 
     quiet_lightning()
-    from .datamodule import UDADataModule
-    from .module import UDAModule
 
     class UdasegCLI(LightningCLI):
         def before_instantiate_classes(self) -> None:
