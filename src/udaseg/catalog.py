@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+from .configparse import config_from_dict  # noqa: F401  (re-exported: the parser of method blocks)
+
 DATASETS: dict[str, str] = {
     "cityscapes": "udaseg.data.datasets.cityscapes:Cityscapes",
     "gta": "udaseg.data.datasets.gta:GTA5",
@@ -34,87 +36,56 @@ def resolve(table: dict[str, str], name: str, what: str):
     return getattr(importlib.import_module(module), attr)
 
 
-# Methods: name -> "module:function" where function(settings: dict, student) returns the list of
-# hooks (udaseg.adapt.hooks protocols) that the method contributes.
+# Methods: name -> "module:build". Each method module exposes ``build(settings: dict, student)``
+# returning its hooks (udaseg.adapt.hooks protocols); a new method adds one line here.
 METHODS: dict[str, str] = {
-    "fd": "udaseg.catalog:_build_fd",
-    "mic": "udaseg.catalog:_build_mic",
-    "ciss": "udaseg.catalog:_build_ciss",
+    "fd": "udaseg.adapt.methods.fd:build",
+    "mic": "udaseg.adapt.methods.mic:build",
+    "ciss": "udaseg.adapt.methods.ciss:build",
+    "refign": "udaseg.adapt.methods.refign:build",
 }
 
 
-def config_from_dict(cls, settings: dict, where: str):
-    """Instantiate the dataclass ``cls`` from ``settings``; unknown keys are a clear error."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(settings) - names)
-    if unknown:
-        from .errors import ConfigError
-
-        raise ConfigError(
-            f"{where}: unknown setting(s) {unknown}; {cls.__name__} accepts: {sorted(names)}"
-        )
-    return cls(**settings)
-
-
-def _build_fd(settings: dict, student) -> list:
-    from .adapt.methods.fd import FDConfig, ImageNetFeatureDistance
-
-    cfg = config_from_dict(FDConfig, settings, "model.methods.fd")
-    return [ImageNetFeatureDistance(student, cfg)]
-
-
-def _build_mic(settings: dict, student) -> list:
-    from .adapt.methods.mic import MaskedImageConsistency, MICConfig
-
-    cfg = config_from_dict(MICConfig, settings, "model.methods.mic")
-    return [MaskedImageConsistency(cfg)]
-
-
-def _build_ciss(settings: dict, student) -> list:
-    from .adapt.methods.ciss import (
-        CISSConfig,
-        CISSSourceTerms,
-        CISSTargetTerms,
-        InvarianceSettings,
-        build_ciss_hooks,
-    )
-
-    where = "model.methods.ciss"
-    settings = dict(settings)
-    for key, cls in (("source", CISSSourceTerms), ("target", CISSTargetTerms),
-                     ("invariance", InvarianceSettings)):
-        if key in settings and not isinstance(settings[key], cls):
-            settings[key] = config_from_dict(cls, dict(settings[key] or {}), f"{where}.{key}")
-    cfg = config_from_dict(CISSConfig, settings, where)
-    # the loop's HRDA detail-crop CE weight, needed to compensate the loop's CE terms exactly
-    detail_weight = float(getattr(getattr(student, "cfg", None), "detail_loss_weight", 0.1))
-    num_classes = int(getattr(student, "num_classes", 19))
-    return build_ciss_hooks(cfg, detail_weight=detail_weight, num_classes=num_classes)
+HOOK_KINDS = ("target_transform", "refiner", "mixer", "aux_loss")
 
 
 class MethodHooks:
-    """The hooks contributed by the configured methods, grouped by extension point."""
+    """The hooks contributed by the configured methods, grouped by extension point.
+
+    A hook states its extension point in ``hook_kind`` (one of :data:`HOOK_KINDS`); without it,
+    an AuxLoss is recognised by its ``stage`` and everything else callable as a LabelRefiner.
+    """
 
     def __init__(self) -> None:
+        self.target_transforms: list = []
         self.refiners: list = []
         self.mixer = None
         self.aux_losses: list = []
 
     def add(self, hook) -> None:
-        from .adapt.hooks import AuxLoss, LabelRefiner, Mixer
+        from .adapt.hooks import AuxLoss, LabelRefiner
 
-        if isinstance(hook, AuxLoss) and hasattr(hook, "stage"):
+        kind = getattr(hook, "hook_kind", None)
+        if kind is None:
+            if isinstance(hook, AuxLoss) and hasattr(hook, "stage"):
+                kind = "aux_loss"
+            elif isinstance(hook, LabelRefiner):
+                kind = "refiner"
+        if kind == "aux_loss":
             self.aux_losses.append(hook)
-        elif isinstance(hook, Mixer) and getattr(hook, "is_mixer", False):
+        elif kind == "mixer":
             if self.mixer is not None:
                 raise ValueError("two configured methods both replace the mixer; keep one")
             self.mixer = hook
-        elif isinstance(hook, LabelRefiner):
+        elif kind == "refiner":
             self.refiners.append(hook)
+        elif kind == "target_transform":
+            self.target_transforms.append(hook)
         else:
-            raise TypeError(f"{hook!r} implements no udaseg.adapt.hooks protocol")
+            raise TypeError(
+                f"{hook!r} implements no udaseg.adapt.hooks protocol (hook_kind {kind!r}; "
+                f"expected one of {HOOK_KINDS})"
+            )
 
 
 def build_methods(methods: dict[str, dict], student) -> MethodHooks:

@@ -4,7 +4,9 @@ The base loop (:mod:`udaseg.adapt.self_training`) calls, in a fixed order::
 
     1. EMA teacher update
     2. student(source)          -> L_src  + every AuxLoss with stage "source"   -> backward
-    3. teacher(target)          -> PseudoLabels
+    3. every TargetTransform    : target batch -> target batch   (Refign's adapt_to_ref)
+       teacher([target; views]) -> PseudoLabels (+ ctx.teacher_logits of the extra views that
+                                   the refiners ask for in ``teacher_views``, in ONE pass)
     4. every LabelRefiner       : PseudoLabels -> PseudoLabels   (Refign, CDDA, DSRNSS)
     5. the Mixer                : (source, target, PseudoLabels) -> MixedBatch (ClassMix by default)
     6. strong augmentation of the mixed image; student(mixed) -> L_mix
@@ -97,6 +99,12 @@ class StepContext:
     mixed_out: SegOutput | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     outputs: dict[str, SegOutput] = field(default_factory=dict)
+    teacher_logits: dict[str, Tensor] = field(default_factory=dict)
+    """Raw teacher logits (B, K, h, w) of the extra target views that refiners request through
+    ``teacher_views`` (e.g. ``"ref"``), from the same teacher pass as the target's."""
+    pseudo_from_probs: Callable[..., PseudoLabels] | None = None
+    """The loop's ``(prob, valid) -> PseudoLabels`` (its threshold and weight mode), for refiners
+    that change the class scores (label = argmax, confidence = max of the scores)."""
     seg_loss: Callable[..., Tensor] | None = None
     """The loop's segmentation loss ``(output, label, weight=None, fused_scale=1.0) -> loss`` (its
     CE reduction and HRDA detail weight), for hooks that add CE terms on other views;
@@ -120,8 +128,25 @@ class StepContext:
 
 
 @runtime_checkable
+class TargetTransform(Protocol):
+    """Replace or edit the target batch before the teacher sees it (Refign's ``adapt_to_ref``:
+    the day reference stands in for the target). Returns the batch dict to use this step."""
+
+    hook_kind: str  # "target_transform"
+
+    def __call__(self, ctx: StepContext, target: dict) -> dict: ...
+
+
+@runtime_checkable
 class LabelRefiner(Protocol):
-    """Refine teacher pseudo-labels and/or their weights (Refign, CDDA, DSRNSS)."""
+    """Refine teacher pseudo-labels and/or their weights (Refign, CDDA, DSRNSS).
+
+    A refiner may declare ``teacher_views: tuple[str, ...]``: target-batch keys (images) that the
+    loop passes through the teacher together with the target image, in one batch (BatchNorm sees
+    them together, as Refign's ``teacher([target; reference])``); their logits are in
+    ``ctx.teacher_logits``. Views missing from the batch are skipped (the refiner decides whether
+    that is an error).
+    """
 
     def __call__(self, ctx: StepContext, pseudo: PseudoLabels) -> PseudoLabels: ...
 

@@ -39,7 +39,7 @@ from torch import Tensor
 from ..data.transforms import pl_crop_v2_mask
 from .hooks import PseudoLabels
 
-__all__ = ["pseudo_labels_from_logits", "pl_crop_v2_mask", "WeightMode"]
+__all__ = ["pseudo_labels_from_logits", "pseudo_labels_from_probs", "pl_crop_v2_mask", "WeightMode"]
 
 WeightMode = Literal["batch_scalar", "pixel"]
 
@@ -78,6 +78,26 @@ def pseudo_labels_from_logits(
     if tuple(z.shape[-2:]) != size:
         z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
     prob = torch.softmax(z, dim=1)
+    return pseudo_labels_from_probs(prob, threshold, weight_mode, valid, ignore_top, ignore_bottom)
+
+
+def pseudo_labels_from_probs(
+    prob: Tensor,
+    threshold: float = 0.968,
+    weight_mode: WeightMode = "batch_scalar",
+    valid: Tensor | None = None,
+    ignore_top: int = 0,
+    ignore_bottom: int = 0,
+) -> PseudoLabels:
+    """(B, K, H, W) class scores -> :class:`PseudoLabels`: label = argmax, confidence = max.
+
+    The scores need not sum to 1 (Refign's refined mixture does not; its confidence is the max
+    of the unnormalised mixture, spec 2.6). Weight and crop as :func:`pseudo_labels_from_logits`.
+    """
+    if ignore_top < 0 or ignore_bottom < 0:
+        raise ValueError(f"ignore_top/ignore_bottom must be >= 0, got {ignore_top}/{ignore_bottom}")
+    if weight_mode not in ("batch_scalar", "pixel"):
+        raise ValueError(f"weight_mode must be 'batch_scalar' or 'pixel', got {weight_mode!r}")
     conf, label = prob.max(dim=1)
     confident = (conf >= threshold).float()
     if weight_mode == "batch_scalar":

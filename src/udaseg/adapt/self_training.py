@@ -22,12 +22,17 @@ Differences from the reference, each a named switch here:
 - ``pseudo_weight_mode``: "batch_scalar" (reference: one quality scalar per batch) or "pixel".
 - ``teacher_bn_train``: the reference keeps the teacher's BatchNorm in train mode (True, default).
 - ``ce_reduction``: "all_pixels" (reference) or "valid_pixels".
+- ``teacher_stochastic``: Refign leaves the teacher's Dropout and DropPath active (its ``train()``
+  override is a no-op, spec refign 1.3); DAFormer switches them off (False, default).
+- ``aug_per_image``: DACS augments each mixed image separately (op order and blur sigma per image,
+  True, default); Refign draws them once per batch (False).
 - Losses of a stage are summed and back-propagated once (the reference calls backward per term;
   the gradients are identical, the maintainer suggests this to save memory, DAFormer#42).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -35,7 +40,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .hooks import AuxLoss, LabelRefiner, Mixer, StepContext
+from .hooks import AuxLoss, LabelRefiner, Mixer, StepContext, TargetTransform
 from .losses import segmentation_loss
 
 
@@ -59,6 +64,10 @@ class DACSConfig:
     blur: bool = True
     ema_buffers: bool = False
     """Also average BN buffers into the teacher (reference: parameters only)."""
+    teacher_stochastic: bool = False
+    """Keep the teacher's Dropout/DropPath active in its pseudo-label pass (Refign: True)."""
+    aug_per_image: bool = True
+    """Jitter op order and blur sigma per mixed image (DACS) or once per batch (Refign: False)."""
 
 
 class SelfTraining(nn.Module):
@@ -70,6 +79,8 @@ class SelfTraining(nn.Module):
         refiners: LabelRefiner hooks, applied in order to the teacher's pseudo-labels.
         mixer: the Mixer (default ClassMix).
         aux_losses: AuxLoss hooks; modules among them are registered (their state is saved).
+        target_transforms: TargetTransform hooks, applied in order to the target batch before
+            the teacher pass.
         ce_reduction: CE reduction of the source and mixed losses.
         detail_loss_weight: weight of the detail-crop CE for multi-resolution (HRDA) students.
     """
@@ -83,8 +94,10 @@ class SelfTraining(nn.Module):
         aux_losses: Sequence[AuxLoss] = (),
         ce_reduction: Literal["all_pixels", "valid_pixels"] = "all_pixels",
         detail_loss_weight: float = 0.1,
+        target_transforms: Sequence[TargetTransform] = (),
     ):
         super().__init__()
+        self.target_transforms = list(target_transforms)
         self.detail_loss_weight = detail_loss_weight
         self.cfg = cfg
         self.ce_reduction = ce_reduction
@@ -102,11 +115,13 @@ class SelfTraining(nn.Module):
                 color_jitter_strength=cfg.color_jitter_strength,
                 color_jitter_probability=cfg.color_jitter_probability,
                 blur=cfg.blur,
-                order_per_image=True,  # DACS augments each mixed image separately
+                order_per_image=cfg.aug_per_image,  # DACS augments each mixed image separately
+                sigma_per_image=cfg.aug_per_image,
             )
         # register module hooks so that their state (frozen models, banks) is checkpointed
         self.hook_modules = nn.ModuleList(
-            [h for h in (*self.refiners, self.mixer, *self.aux_losses) if isinstance(h, nn.Module)]
+            [h for h in (*self.target_transforms, *self.refiners, self.mixer, *self.aux_losses)
+             if isinstance(h, nn.Module)]
         )
 
     def seg_loss(self, out, label: Tensor, weight: Tensor | None = None,
@@ -162,12 +177,27 @@ class SelfTraining(nn.Module):
 
         # (2) pseudo-labels from the EMA teacher on the clean target batch
         from .mixing import strong_augment
-        from .pseudo_label import pseudo_labels_from_logits
+        from .pseudo_label import pseudo_labels_from_logits, pseudo_labels_from_probs
         from .teacher import teacher_forward_mode
 
         cfg = self.cfg
-        with torch.no_grad(), teacher_forward_mode(self.teacher.model, bn_train=cfg.teacher_bn_train):
-            t_logits = self.teacher.model(target["image"]).logits
+        for transform in self.target_transforms:
+            target = transform(ctx, target)
+        ctx.target = target
+        views = [v for v in dict.fromkeys(
+            v for r in self.refiners for v in getattr(r, "teacher_views", ())) if v in target]
+        images = [target["image"], *(target[v] for v in views)]
+        with torch.no_grad(), teacher_forward_mode(
+            self.teacher.model, bn_train=cfg.teacher_bn_train, stochastic=cfg.teacher_stochastic
+        ):
+            t_logits = self.teacher.model(torch.cat(images) if views else images[0]).logits
+        if views:
+            chunks = t_logits.split(target["image"].shape[0])
+            t_logits = chunks[0]
+            ctx.teacher_logits = dict(zip(views, chunks[1:], strict=True))
+        ctx.pseudo_from_probs = functools.partial(
+            pseudo_labels_from_probs, threshold=cfg.pseudo_threshold,
+            weight_mode=cfg.pseudo_weight_mode)
         pseudo = pseudo_labels_from_logits(
             t_logits, tuple(target["image"].shape[-2:]), threshold=cfg.pseudo_threshold,
             weight_mode=cfg.pseudo_weight_mode, valid=target.get("valid_pseudo"),

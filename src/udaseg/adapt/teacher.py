@@ -60,7 +60,9 @@ def _strip_wrappers(name: str) -> str:
 
 
 @contextmanager
-def teacher_forward_mode(model: nn.Module, bn_train: bool = True) -> Iterator[nn.Module]:
+def teacher_forward_mode(
+    model: nn.Module, bn_train: bool = True, stochastic: bool = False
+) -> Iterator[nn.Module]:
     """DAFormer's teacher mode for the ``with`` block; every module's mode is restored on exit.
 
     ``bn_train=True`` (faithful): every ``_BatchNorm`` module (BatchNorm1/2/3d, SyncBatchNorm) is in
@@ -73,6 +75,10 @@ def teacher_forward_mode(model: nn.Module, bn_train: bool = True) -> Iterator[nn
     teacher's inference-path forward must not take.
 
     ``bn_train=False``: the whole model in eval mode (running statistics used and frozen).
+
+    ``stochastic=True`` (Refign, spec refign 1.3): Dropout and DropPath stay in training mode
+    (active), as Refign's no-op ``train()`` override leaves them; wrappers such as HRDA keep their
+    inference path.
     """
     saved = [(m, m.training) for m in model.modules()]
     try:
@@ -83,6 +89,10 @@ def teacher_forward_mode(model: nn.Module, bn_train: bool = True) -> Iterator[nn
                     m.training = True
                 elif _is_drop_module(m):  # already off through eval(); explicit for clarity
                     m.training = False
+        if stochastic:
+            for m in model.modules():
+                if _is_drop_module(m):
+                    m.training = True
         yield model
     finally:
         for m, mode in saved:

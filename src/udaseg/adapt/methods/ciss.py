@@ -780,3 +780,15 @@ def build_ciss_hooks(
     if t.pseudo_labels == "stylized":
         hooks.append(StylizedPseudoLabels())
     return hooks
+
+
+def build(settings: dict, student) -> list:
+    """The method-catalog builder (``model.methods.ciss``): nested ``source`` / ``target`` /
+    ``invariance`` blocks are parsed generically; the HRDA detail weight and the class count come
+    from the student."""
+    from ...configparse import config_from_dict
+
+    cfg = config_from_dict(CISSConfig, settings, "model.methods.ciss")
+    detail_weight = float(getattr(getattr(student, "cfg", None), "detail_loss_weight", 0.1))
+    num_classes = int(getattr(student, "num_classes", NUM_CLASSES))
+    return build_ciss_hooks(cfg, detail_weight=detail_weight, num_classes=num_classes)

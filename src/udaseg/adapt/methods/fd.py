@@ -275,3 +275,10 @@ class ImageNetFeatureDistance(nn.Module):
             d = self.view_distance(ctx, view)
             loss = d if loss is None else loss + d
         return self.cfg.weight * loss
+
+
+def build(settings: dict, student) -> list:
+    """The method-catalog builder (``model.methods.fd``)."""
+    from ...configparse import config_from_dict
+
+    return [ImageNetFeatureDistance(student, config_from_dict(FDConfig, settings, "model.methods.fd"))]

@@ -230,3 +230,10 @@ class MaskedImageConsistency:
         if self.cfg.weight_scope == "fused":
             return seg_loss(out, batch.label, batch.weight, fused_scale=self.cfg.weight)
         return self.cfg.weight * seg_loss(out, batch.label, batch.weight)
+
+
+def build(settings: dict, student) -> list:
+    """The method-catalog builder (``model.methods.mic``)."""
+    from ...configparse import config_from_dict
+
+    return [MaskedImageConsistency(config_from_dict(MICConfig, settings, "model.methods.mic"))]
