@@ -46,3 +46,25 @@ def test_restored_optimizer_state_takes_the_parameters_layout():
     assert state["exp_avg"].stride() == conv.weight.stride() != moment.stride()
     assert torch.equal(state["exp_avg"], moment)  # same values
     assert match_state_layout(opt) == 0
+
+
+def test_refign_no_decay_on_every_1d_parameter():
+    from udaseg.models.optim_groups import param_groups
+    from udaseg.models.segmentor import build_segmentor
+
+    model = build_segmentor("mit_tiny", "segformer", head_channels=16)
+    groups = {g["name"]: g for g in param_groups(model, lr=6e-5, weight_decay=0.01,
+                                                  head_lr_mult=10.0, no_decay="1d")}
+    assert set(groups) == {"head", "head_no_decay", "no_decay", "decay"}
+    # Refign: backbone 6e-5 (lr 6e-4 x 0.1), everything else 6e-4; wd 0 on all 1-D parameters
+    assert groups["head"]["lr"] == groups["head_no_decay"]["lr"] == pytest.approx(6e-4)
+    assert groups["decay"]["lr"] == groups["no_decay"]["lr"] == pytest.approx(6e-5)
+    assert groups["head_no_decay"]["weight_decay"] == groups["no_decay"]["weight_decay"] == 0.0
+    named = dict(model.named_parameters())
+    for g in groups.values():
+        flat = [named[n].ndim <= 1 for n in g["param_names"]]
+        assert all(flat) if "no_decay" in g["name"] else not any(flat)
+    # a bias outside any norm decays under DAFormer's rule, not under Refign's
+    daformer = {n: g["name"] for g in param_groups(model, 6e-5, 0.01) for n in g["param_names"]}
+    bias = next(n for n in named if n.endswith(".bias") and "norm" not in n and "head" not in n)
+    assert daformer[bias] == "decay"

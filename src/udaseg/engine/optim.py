@@ -30,6 +30,9 @@ class OptimConfig:
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     power: float = 1.0
+    no_decay: str = "norm"
+    """Which parameters skip weight decay: "norm" (DAFormer: names with "norm") or "1d" (Refign:
+    every 1-D parameter, biases included, head too)."""
     fused: bool | None = None
     """Fused AdamW kernel (same maths, one kernel per step); None = on when the model is on CUDA."""
 
@@ -45,7 +48,8 @@ def poly_warmup_factor(t: int, total: int, cfg: OptimConfig) -> float:
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_iters: int):
     """AdamW over ``model``'s trainable parameters and a per-iteration LambdaLR."""
-    groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay, head_lr_mult=cfg.head_lr_mult)
+    groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          head_lr_mult=cfg.head_lr_mult, no_decay=cfg.no_decay)
     fused = cfg.fused
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"]) and len(groups) > 0

@@ -32,6 +32,7 @@ def param_groups(
     head_key: str = "head",
     norm_key: str = "norm",
     norm_decay_mult: float = 0.0,
+    no_decay: str = "norm",
 ) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into the DAFormer AdamW groups.
 
@@ -39,11 +40,19 @@ def param_groups(
     with ``params``, ``lr``, ``weight_decay``, ``name`` and ``param_names``; pass the list straight
     to ``torch.optim.AdamW``. Every trainable parameter appears in exactly one group; frozen ones
     (``requires_grad=False``) are skipped.
+
+    ``no_decay="norm"`` (DAFormer/mmseg ``paramwise_cfg``): parameters whose name contains
+    ``norm_key`` get ``weight_decay * norm_decay_mult``. ``no_decay="1d"`` (Refign's
+    ``optimizer_parameters``): every 1-D parameter (biases, norms), head ones included, gets weight
+    decay 0; the head's then form a fourth group ``head_no_decay``.
     """
+    if no_decay not in ("norm", "1d"):
+        raise ValueError(f"param_groups: no_decay must be 'norm' or '1d', got {no_decay!r}")
     groups: dict[str, dict[str, Any]] = {
         "head": {"name": "head", "lr": lr * head_lr_mult, "weight_decay": weight_decay},
         "no_decay": {"name": "no_decay", "lr": lr, "weight_decay": weight_decay * norm_decay_mult},
         "decay": {"name": "decay", "lr": lr, "weight_decay": weight_decay},
+        "head_no_decay": {"name": "head_no_decay", "lr": lr * head_lr_mult, "weight_decay": 0.0},
     }
     for g in groups.values():
         g["params"] = []
@@ -51,7 +60,15 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if head_key in name:
+        if no_decay == "1d":
+            flat = p.ndim <= 1
+            if head_key in name:
+                key = "head_no_decay" if flat else "head"
+            else:
+                key = "no_decay" if flat else "decay"
+            if key == "no_decay":
+                groups[key]["weight_decay"] = 0.0
+        elif head_key in name:
             key = "head"
         elif norm_key in name:
             key = "no_decay"
