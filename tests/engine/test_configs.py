@@ -22,6 +22,12 @@ COMPOSITIONS = {
     **{f"{b}/ciss": _paper(b, "hrda", "ciss") for b in ("cs2acdc", "cs2dz")},
     **{f"{b}/ciss_zero_shot": [*_paper(b, "hrda", "ciss"), "configs/benchmarks/ciss_zero_shot.yaml"]
        for b in ("cs2acdc", "cs2dz")},
+    **{f"{b}/refign_daformer": _paper(b, "refign_daformer") for b in ("cs2acdc", "cs2dz")},
+    **{f"{b}/refign_hrda": _paper(b, "refign_hrda") for b in ("cs2acdc", "cs2dz")},
+    **{f"cs2acdc/refign_ablation_row{r}": _paper("cs2acdc", "refign_daformer",
+                                                 f"refign_ablation_row{r}") for r in range(1, 7)},
+    "synthnight/refign": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
+                          "configs/synthnight/refign.yaml"],
     "predict/dark_zurich_test": [*_paper("cs2dz", "daformer"), "configs/predict/dark_zurich_test.yaml"],
     "predict/acdc_test": [*_paper("cs2acdc", "daformer"), "configs/predict/acdc_test.yaml"],
     "synthnight/source_only": ["configs/synthnight/source_only.yaml"],
@@ -60,6 +66,11 @@ def instantiate(files, tmp_path=None):
             assert cfg.pop("return_predictions") is False  # full-size predictions stay on disk
             path = tmp_path / path.name
             path.write_text(yaml.safe_dump(cfg))
+        elif "aligner: uawarpc" in path.read_text():
+            # the UAWarpC weight files are not here: the same config with the weight-free aligner
+            text = path.read_text().replace("aligner: uawarpc", "aligner: identity")
+            path = tmp_path / path.name
+            path.write_text(text)
         args += ["--config", str(path)]
     args += ["--model.backbone", "mit_tiny", "--model.pretrained", "null", "--model.head_channels", "32"]
     return LightningCLI(UDAModule, UDADataModule, args=args, run=False)
@@ -111,6 +122,27 @@ def test_config_instantiates(name, tmp_path):
         assert src.loop_ce.detail_weight == 0.1
         sty = dm.stylize
         assert (sty.method, sty.beta, tuple(sty.common_size)) == ("fda", 0.01, (1024, 1920))
+    if method.startswith("refign") and bench in BENCHMARKS:
+        # refign spec 1.3 / 2.7: teacher stochastic, AdamW 6e-4 with backbone x0.1 and no decay on
+        # 1-D parameters, FD, references loaded with the target, UAWarpC (replaced above)
+        assert [type(r).__name__ for r in algo.refiners] == ["RefignRefiner"]
+        refign = algo.refiners[0].cfg
+        assert refign.gamma == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}.get(
+            int(method[-1]) if "row" in method else 0, 0.25)
+        assert algo.cfg.teacher_stochastic and algo.cfg.pseudo_weight_ignore_bottom == 0
+        assert module.optim_cfg.no_decay == "1d" and module.optim_cfg.lr == 6e-5
+        assert module.optim_cfg.head_lr_mult == 10.0 and hooks == {"fd"}
+        assert dm.target_spec.views == ["ref"]
+        assert bool(algo.target_transforms) == refign.adapt_to_ref
+        if method == "refign_hrda":
+            assert type(module.model).__name__ == "HRDASegmentor"
+            assert tuple(module.inference_cfg.crop) == (1080, 1080)
+            assert tuple(module.inference_cfg.stride) == (420, 420)
+            assert dm.rcs.min_crop_ratio == 2.0
+        if method == "refign_ablation_row1":
+            assert not refign.use_align and refign.disable_M and not refign.adapt_to_ref
+    if name == "synthnight/refign":
+        assert algo.refiners[0].cfg.aligner == "similarity" and dm.target_spec.views == ["ref"]
     if method == "ciss_zero_shot":
         # the zero-shot splits replace the training config's validation splits
         splits = {name: (spec.name, spec.split) for name, spec in dm.val_specs.items()}
