@@ -13,19 +13,24 @@ from udaseg.engine.module import UDAModule
 from udaseg.engine.optim import OptimConfig
 
 
-def make(cs, dz, num_workers=0):
+def make(cs, dz, num_workers=0, refign=False):
     pipe = PipelineConfig(scale=(64, 32), crop_size=(32, 32))
+    target = DatasetSpec("cityscapes", str(cs), "train", labels=False)
+    methods = {"fd": {}}
+    if refign:  # night images with day references; adapt_to_ref draws from Python's random
+        target = DatasetSpec("dark_zurich", str(dz), "val", labels=False, views=["ref"])
+        methods["refign"] = {"aligner": "identity", "adapt_to_ref": True}
     dm = UDADataModule(
         source=DatasetSpec("cityscapes", str(cs), "train"),
-        target=DatasetSpec("cityscapes", str(cs), "train", labels=False),
+        target=target,
         val={"night_val": DatasetSpec("dark_zurich", str(dz), "val")},
         source_pipeline=pipe, target_pipeline=pipe, batch_size=2, num_workers=num_workers,
         rcs=RCSConfig(min_pixels=10),
     )
     module = UDAModule(
         backbone="mit_tiny", head="segformer", head_channels=16, drop_path_rate=0.0,
-        optim=OptimConfig(lr=1e-3, warmup_iters=2), self_training=DACSConfig(),
-        methods={"fd": {}},
+        optim=OptimConfig(lr=1e-3, warmup_iters=2),
+        self_training=DACSConfig(teacher_stochastic=refign), methods=methods,
     )
     return module, dm
 
@@ -97,20 +102,21 @@ def _weights(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, workers):
+@pytest.mark.parametrize("workers, refign", [(0, False), (2, False), (0, True)])
+def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, workers, refign):
     """4 + 3 iterations in one go == 4 iterations, checkpoint, resume for 3 (student, teacher,
     FD's frozen copy): RCS draws, crops, ClassMix and augmentation included, with and without
-    loader workers (the data stream has no per-worker state)."""
+    loader workers (the data stream has no per-worker state); with Refign (references, the
+    adapt_to_ref coin, the stochastic teacher)."""
     torch.use_deterministic_algorithms(True)
     try:
         L.seed_everything(0)
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign)
         trainer(tmp_path / "a", 7).fit(module, datamodule=dm)
         straight = _weights(module)
 
         L.seed_everything(0)
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign)
         t = trainer(tmp_path / "b", 7, callbacks=[StopAt(4)])  # the same 7-step schedule, cut at 4
         t.fit(module, datamodule=dm)
         assert t.global_step == 4
@@ -118,7 +124,7 @@ def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, worker
         t.save_checkpoint(ckpt)
 
         L.seed_everything(123)  # a different seed at start-up must not matter
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign)
         trainer(tmp_path / "c", 7).fit(module, datamodule=dm, ckpt_path=ckpt)
         resumed = _weights(module)
     finally:
