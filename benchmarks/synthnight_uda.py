@@ -16,7 +16,8 @@ appended to ``benchmarks/results.md``.
         --data data/synthnight --steps 300 --runs source_only dacs
 
 Runs: ``daformer`` = DACS + RCS + FD, ``hrda`` = daformer + HRDA (multi-resolution training and
-slide inference), ``mic`` = hrda + MIC (the paper stacks, CPU-sized as in configs/synthnight).
+slide inference), ``mic`` = hrda + MIC (the paper stacks, CPU-sized as in configs/synthnight),
+``refign`` = daformer + Refign (day references, similarity aligner, adapt_to_ref).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ RUNS = {
                  methods={"fd": {"views": ["image", "stylized"]},
                           "ciss": {"preset": "reference",
                                    "invariance": {"weight_source": 50.0, "weight_target": 20.0}}}),
+    # Refign on DAFormer (the paper's Refign-DAFormer recipe, CPU-sized): the target carries its
+    # day reference, aligned by the weight-free similarity aligner (UAWarpC's weights are not here)
+    "refign": dict(self_training={"teacher_stochastic": True}, rcs=RCS, target_views=["ref"],
+                   methods={"fd": {}, "refign": {"aligner": "similarity", "gamma": 0.25,
+                                                 "adapt_to_ref": True}}),
 }
 
 
@@ -106,7 +112,8 @@ def run_one(name: str, a, steps: int | None = None, snapshots: Snapshots | None 
     pipe = PipelineConfig(scale=tuple(a.scale), crop_size=tuple(a.crop))
     dm = UDADataModule(
         source=DatasetSpec("cityscapes", str(root / "cityscapes"), "train"),
-        target=DatasetSpec("dark_zurich", str(root / "dark_zurich"), "train", labels=False) if adapt else None,
+        target=DatasetSpec("dark_zurich", str(root / "dark_zurich"), "train", labels=False,
+                           views=spec.get("target_views")) if adapt else None,
         val={
             "day_val": DatasetSpec("cityscapes", str(root / "cityscapes"), "val"),
             "night_val": DatasetSpec("dark_zurich", str(root / "dark_zurich"), "val"),
