@@ -64,6 +64,10 @@ class DemoConfig:
     measured 2.0-2.3 on 2 CPU cores, the larger value so the control is never short-changed)."""
     synth: dict = field(default_factory=dict)
     """Overrides of :class:`~udaseg.data.synthnight.SynthNightConfig` (sizes, counts) for tests."""
+    views_only: bool = True
+    """Generate only what the demo reads (images and labels: no events, depth maps or day
+    references; the images are the same, every part has its own random stream). Off when
+    ``data_dir`` points at a shared copy."""
 
 
 #: The packaged source model (mit_tiny + SegFormer-128, 2 MB): 3000 source iterations on the
@@ -87,7 +91,8 @@ def _data_root(cfg: DemoConfig) -> Path:
 
     if cfg.data_dir:
         return Path(cfg.data_dir)
-    return Path(cfg.out_dir) / "data" / f"synthnight_v{GENERATOR_VERSION}_seed{cfg.seed}"
+    light = "_images" if cfg.views_only else ""  # a lighter copy than the full one: own folder
+    return Path(cfg.out_dir) / "data" / f"synthnight_v{GENERATOR_VERSION}_seed{cfg.seed}{light}"
 
 
 def build_datamodule(cfg: DemoConfig, root: Path, adapt: bool = False):
@@ -248,7 +253,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     report.mkdir(parents=True, exist_ok=True)
     root = _data_root(cfg)
     console.rule(f"[bold]udaseg demo[/bold]: SynthNight v{GENERATOR_VERSION}, seed {cfg.seed}")
-    generate(root, SynthNightConfig(**{"seed": cfg.seed, **cfg.synth}))
+    light = {"with_events": False, "with_depth": False, "with_refs": False}
+    extra = light if cfg.views_only and not cfg.data_dir else {}
+    generate(root, SynthNightConfig(**{"seed": cfg.seed, **extra, **cfg.synth}))
     console.print(f"data: {root}  ({time.perf_counter() - t0:.0f} s)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
