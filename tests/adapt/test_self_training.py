@@ -116,3 +116,33 @@ def test_mixed_batch_contract_mixer_image_unaugmented_loop_image_augmented(monke
     assert torch.equal(mixed.unaugmented, returned[0])  # the Mixer's plain mix
     assert torch.equal(mixed.image, returned[0] + 1.0)  # what the student saw
     assert mixed.aug_gates == (True, False)
+
+
+def test_target_loss_weight_and_retained_source_graph():
+    """A target-stage hook may back-propagate through the source pass when it asks for it; the
+    mixed CE can be scaled (DSRNSS-HRDA's 0.8)."""
+
+    class UsesSourceGraph:
+        name, stage, retain_source_graph = "src_again", "target", True
+
+        def __call__(self, ctx):
+            return ctx.source_out.features[-1].mean() * 0.0 + ctx.mixed_out.logits.mean() * 0.0
+
+    s = student()
+    calls = []
+
+    def backward(loss, **kw):
+        calls.append(kw)
+        loss.backward(**kw)
+
+    algo = SelfTraining(s, DACSConfig(target_loss_weight=0.8), aux_losses=[UsesSourceGraph()])
+    losses = algo.step(s, batch(seed=1), {"image": batch(seed=2)["image"]}, 0, backward)
+    assert calls == [{"retain_graph": True}, {}]
+    # the logged mixed CE is the plain one; the backward sees 0.8 of it
+    s.zero_grad()
+    algo2 = SelfTraining(s, DACSConfig(target_loss_weight=0.0))
+    torch.manual_seed(0)
+    seen = []
+    algo2.step(s, batch(seed=1), {"image": batch(seed=2)["image"]}, 0,
+               lambda l: (seen.append(l.detach()), l.backward()))
+    assert seen[1].item() == 0.0 and torch.isfinite(losses["mix"])

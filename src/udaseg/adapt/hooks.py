@@ -165,6 +165,10 @@ class AuxLoss(Protocol):
     ``stage`` says when it runs: ``"source"`` right after the supervised source pass (``ctx.source_out``
     is set), ``"target"`` after the mixed pass (``ctx.pseudo``, ``ctx.mixed`` and
     ``ctx.mixed_out`` are set). The returned value is already multiplied by the loss weight.
+
+    A target-stage hook that back-propagates through the source pass (``ctx.source_out`` with its
+    graph, e.g. DSRNSS's source prototypes) sets ``retain_source_graph = True``: the loop then
+    keeps the source graph through the source-stage backward (``retain_graph=True``).
     """
 
     name: str

@@ -68,6 +68,9 @@ class DACSConfig:
     """Keep the teacher's Dropout/DropPath active in its pseudo-label pass (Refign: True)."""
     aug_per_image: bool = True
     """Jitter op order and blur sigma per mixed image (DACS) or once per batch (Refign: False)."""
+    target_loss_weight: float = 1.0
+    """Factor on the mixed (target) CE L_mix (DSRNSS-HRDA: 0.8); target-stage aux losses keep
+    their own weights."""
 
 
 class SelfTraining(nn.Module):
@@ -170,8 +173,13 @@ class SelfTraining(nn.Module):
         loss = self.seg_loss(ctx.source_out, source["label"])
         ctx.losses["src"] = loss.detach()
         aux = self._aux(ctx, "source")
-        backward(loss if aux is None else loss + aux)
-        ctx.outputs.clear()  # their graphs are freed by the backward; do not keep the memory
+        # hooks that reuse the source pass's graph at the target stage (DSRNSS's prototypes)
+        retain = adapt and any(getattr(h, "retain_source_graph", False) for h in self.aux_losses)
+        if retain:
+            backward(loss if aux is None else loss + aux, retain_graph=True)
+        else:
+            backward(loss if aux is None else loss + aux)
+            ctx.outputs.clear()  # their graphs are freed by the backward; do not keep the memory
         if not adapt:
             return ctx.losses
 
@@ -216,6 +224,8 @@ class SelfTraining(nn.Module):
         ctx.mixed_out = student(mixed.image)
         loss = self.seg_loss(ctx.mixed_out, mixed.label, mixed.weight)
         ctx.losses["mix"] = loss.detach()
+        if cfg.target_loss_weight != 1.0:
+            loss = cfg.target_loss_weight * loss
         aux = self._aux(ctx, "target")
         backward(loss if aux is None else loss + aux)
         return ctx.losses

@@ -230,6 +230,7 @@ class RefignRefiner(nn.Module):
         super().__init__()
         self.cfg = cfg if cfg is not None else RefignConfig()
         self.teacher_views = (self.cfg.reference_view,)
+        self._resize_noted = False
         self.aligner = aligner if aligner is not None else (
             build_aligner(self.cfg) if self.cfg.use_align else None)
 
@@ -250,6 +251,14 @@ class RefignRefiner(nn.Module):
         target, reference = ctx.target["image"], ctx.target[view]
         size = tuple(pseudo.label.shape[-2:])
         if reference.shape[-2:] != target.shape[-2:]:
+            if not self._resize_noted:
+                import warnings
+
+                warnings.warn(
+                    f"Refign: the reference images ({tuple(reference.shape[-2:])}) differ in size "
+                    f"from their targets ({tuple(target.shape[-2:])}); resizing them bilinearly "
+                    "(load both at the same size to avoid this)", stacklevel=2)
+                self._resize_noted = True
             reference = F.interpolate(reference, size=target.shape[-2:], mode="bilinear",
                                       align_corners=False)
         with torch.no_grad():
