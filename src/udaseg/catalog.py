@@ -46,7 +46,7 @@ METHODS: dict[str, str] = {
 }
 
 
-HOOK_KINDS = ("target_transform", "refiner", "mixer", "aux_loss")
+HOOK_KINDS = ("target_transform", "refiner", "mixer", "mixed_transform", "aux_loss")
 
 
 class MethodHooks:
@@ -60,6 +60,7 @@ class MethodHooks:
         self.target_transforms: list = []
         self.refiners: list = []
         self.mixer = None
+        self.mixed_transforms: list = []
         self.aux_losses: list = []
 
     def add(self, hook) -> None:
@@ -81,6 +82,8 @@ class MethodHooks:
             self.refiners.append(hook)
         elif kind == "target_transform":
             self.target_transforms.append(hook)
+        elif kind == "mixed_transform":
+            self.mixed_transforms.append(hook)
         else:
             raise TypeError(
                 f"{hook!r} implements no udaseg.adapt.hooks protocol (hook_kind {kind!r}; "

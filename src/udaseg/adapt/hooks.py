@@ -9,7 +9,8 @@ The base loop (:mod:`udaseg.adapt.self_training`) calls, in a fixed order::
                                    the refiners ask for in ``teacher_views``, in ONE pass)
     4. every LabelRefiner       : PseudoLabels -> PseudoLabels   (Refign, CDDA, DSRNSS)
     5. the Mixer                : (source, target, PseudoLabels) -> MixedBatch (ClassMix by default)
-    6. strong augmentation of the mixed image; student(mixed) -> L_mix
+    6. strong augmentation of the mixed image; every MixedTransform (DSRNSS's long-tail paste,
+       not augmented); student(mixed) -> L_mix
        + every AuxLoss with stage "target" (MIC, CISS, prototypes, ...)                -> backward
     7. (the engine) one optimiser step
 
@@ -135,6 +136,16 @@ class TargetTransform(Protocol):
     hook_kind: str  # "target_transform"
 
     def __call__(self, ctx: StepContext, target: dict) -> dict: ...
+
+
+@runtime_checkable
+class MixedTransform(Protocol):
+    """Edit the mixed batch after the strong augmentation, before the student sees it (DSRNSS
+    pastes banked source objects there, un-augmented). Runs every iteration; returns the batch."""
+
+    hook_kind: str  # "mixed_transform"
+
+    def __call__(self, ctx: StepContext, mixed: MixedBatch) -> MixedBatch: ...
 
 
 @runtime_checkable

@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .hooks import AuxLoss, LabelRefiner, Mixer, StepContext, TargetTransform
+from .hooks import AuxLoss, LabelRefiner, Mixer, MixedTransform, StepContext, TargetTransform
 from .losses import segmentation_loss
 
 
@@ -84,6 +84,8 @@ class SelfTraining(nn.Module):
         aux_losses: AuxLoss hooks; modules among them are registered (their state is saved).
         target_transforms: TargetTransform hooks, applied in order to the target batch before
             the teacher pass.
+        mixed_transforms: MixedTransform hooks, applied in order to the augmented mixed batch
+            right before the student's mixed pass (DSRNSS's long-tail paste).
         ce_reduction: CE reduction of the source and mixed losses.
         detail_loss_weight: weight of the detail-crop CE for multi-resolution (HRDA) students.
     """
@@ -98,9 +100,11 @@ class SelfTraining(nn.Module):
         ce_reduction: Literal["all_pixels", "valid_pixels"] = "all_pixels",
         detail_loss_weight: float = 0.1,
         target_transforms: Sequence[TargetTransform] = (),
+        mixed_transforms: Sequence[MixedTransform] = (),
     ):
         super().__init__()
         self.target_transforms = list(target_transforms)
+        self.mixed_transforms = list(mixed_transforms)
         self.detail_loss_weight = detail_loss_weight
         self.cfg = cfg
         self.ce_reduction = ce_reduction
@@ -123,8 +127,8 @@ class SelfTraining(nn.Module):
             )
         # register module hooks so that their state (frozen models, banks) is checkpointed
         self.hook_modules = nn.ModuleList(
-            [h for h in (*self.target_transforms, *self.refiners, self.mixer, *self.aux_losses)
-             if isinstance(h, nn.Module)]
+            [h for h in (*self.target_transforms, *self.refiners, self.mixer,
+                         *self.mixed_transforms, *self.aux_losses) if isinstance(h, nn.Module)]
         )
 
     def seg_loss(self, out, label: Tensor, weight: Tensor | None = None,
@@ -220,6 +224,8 @@ class SelfTraining(nn.Module):
         mixed = self.mixer(ctx, pseudo)
         mixed.unaugmented = mixed.image
         mixed.image, mixed.aug_gates = strong_augment(mixed.image, self.aug_cfg, return_gates=True)
+        for transform in self.mixed_transforms:
+            mixed = transform(ctx, mixed)
         ctx.mixed = mixed
         ctx.mixed_out = student(mixed.image)
         loss = self.seg_loss(ctx.mixed_out, mixed.label, mixed.weight)

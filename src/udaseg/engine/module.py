@@ -335,7 +335,7 @@ class UDAModule(L.LightningModule):
         self.algorithm = SelfTraining(
             self.model, self_training, refiners=hooks.refiners, mixer=hooks.mixer,
             aux_losses=hooks.aux_losses, ce_reduction=ce_reduction,
-            target_transforms=hooks.target_transforms,
+            target_transforms=hooks.target_transforms, mixed_transforms=hooks.mixed_transforms,
             detail_loss_weight=hrda.detail_loss_weight if hrda is not None else 0.1,
         )
         self.automatic_optimization = False
