@@ -136,6 +136,7 @@ def test_config_instantiates(name, tmp_path):
         assert bool(algo.target_transforms) == refign.adapt_to_ref
         if method == "refign_hrda":
             assert type(module.model).__name__ == "HRDASegmentor"
+            assert module.model.cfg.attention_head == "segformer"  # HRDA*: SegFormer attention
             assert tuple(module.inference_cfg.crop) == (1080, 1080)
             assert tuple(module.inference_cfg.stride) == (420, 420)
             assert dm.rcs.min_crop_ratio == 2.0

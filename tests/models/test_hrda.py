@@ -323,3 +323,20 @@ def test_config_validation():
         hrda(torch.randn(1, 3, 128, 128), crop_box=(100, 164, 0, 64))
     with pytest.raises(ValueError, match="multiple of 8"):
         hrda(torch.randn(1, 3, 128, 128), crop_box=(4, 68, 0, 64))
+
+
+def test_refign_hrda_star_segformer_attention_head():
+    from udaseg.models.segformer_head import SegFormerHead
+
+    torch.manual_seed(0)
+    from udaseg.models.segmentor import build_segmentor
+
+    base = build_segmentor("mit_tiny", "daformer", num_classes=19)
+    model = HRDASegmentor(base, HRDAConfig(attention_head="segformer"))
+    head = model.scale_attention_head
+    assert isinstance(head, SegFormerHead) and head.concat_order == "nvlabs"
+    assert head.embed_dim == 256
+    out = model.eval()(torch.randn(1, 3, 64, 64))
+    assert out.logits.shape == (1, 19, 16, 16)
+    with pytest.raises(ValueError, match="attention_head"):
+        HRDAConfig(attention_head="mlp")

@@ -111,6 +111,10 @@ class HRDAConfig:
         attention_classwise: K attention channels (True) or a single one (False).
         fixed_attention: if set, a constant attention value in [0, 1] replaces the learned one
             (ablation "fixedatt"; the attention head is then unused).
+        attention_head: ``"same"`` (HRDA: a head of the decode head's type,
+            :func:`make_attention_head`) or ``"segformer"`` (Refign's HRDA*: a SegFormer MLP head,
+            256 channels, dropout 0.1, ``[c4, c3, c2, c1]`` concatenation, whatever the decode
+            head).
     """
 
     context_scale: float = 0.5
@@ -120,8 +124,13 @@ class HRDAConfig:
     hr_slide_overlapping: bool = True
     attention_classwise: bool = True
     fixed_attention: float | None = None
+    attention_head: str = "same"
 
     def __post_init__(self) -> None:
+        if self.attention_head not in ("same", "segformer"):
+            raise ValueError(
+                f"HRDAConfig: attention_head must be 'same' or 'segformer', got {self.attention_head!r}"
+            )
         if not 0.0 < self.context_scale <= 1.0:
             raise ValueError(
                 f"HRDAConfig: context_scale must be in (0, 1], got {self.context_scale}"
@@ -144,7 +153,7 @@ class HRDAConfig:
             )
 
 
-def make_attention_head(decode_head: nn.Module, out_channels: int) -> nn.Module:
+def make_attention_head(decode_head: nn.Module, out_channels: int, kind: str = "same") -> nn.Module:
     """A fresh scale-attention head of the same type as ``decode_head`` (spec 7.2).
 
     * :class:`DAFormerHead`: same widths, embeddings and dropout, but the separable-ASPP fusion is
@@ -159,6 +168,9 @@ def make_attention_head(decode_head: nn.Module, out_channels: int) -> nn.Module:
         TypeError: another head type; build the attention head yourself and pass it to
             :class:`HRDASegmentor`.
     """
+    if kind == "segformer":  # Refign's HRDA* scale attention (models/heads/segformer.py)
+        return SegFormerHead(decode_head.in_channels, num_classes=out_channels, embed_dim=256,
+                             dropout_ratio=0.1, concat_order="nvlabs")
     dropout = getattr(decode_head, "dropout", None)
     p = float(dropout.p) if isinstance(dropout, nn.Dropout2d) else 0.0
     if isinstance(decode_head, DAFormerHead):
@@ -222,7 +234,7 @@ class HRDASegmentor(nn.Module):
         self.model = model
         if attention_head is None:
             out = model.num_classes if self.cfg.attention_classwise else 1
-            attention_head = make_attention_head(model.decode_head, out)
+            attention_head = make_attention_head(model.decode_head, out, self.cfg.attention_head)
         self.scale_attention_head = attention_head
 
     # ------------------------------------------------------------------ delegation
