@@ -43,6 +43,7 @@ METHODS: dict[str, str] = {
     "mic": "udaseg.adapt.methods.mic:build",
     "ciss": "udaseg.adapt.methods.ciss:build",
     "refign": "udaseg.adapt.methods.refign:build",
+    "dsrnss": "udaseg.adapt.methods.dsrnss:build",
 }
 
 

@@ -78,6 +78,23 @@ CLASS_GROUPS: dict[str, tuple[int, ...]] = {
     # ImageNet feature distance (DAFormer) regularises these.
     "things": (6, 7, 11, 12, 13, 14, 15, 16, 17, 18),
     "stuff": (0, 1, 2, 3, 4, 5, 8, 9, 10),
+    # DSRNSS (arXiv 2310.04747): the long-tail classes its memory bank re-pastes
+    # (rider, truck, bus, motorcycle, bicycle).
+    "dsrnss_tail": (12, 14, 15, 17, 18),
+}
+
+# Class closures of a class-mixing method: ordered rules ``(triggers, added)``. When a mask
+# chose any trigger class, every ``added`` class present in the same source label joins it;
+# the rules are applied once each, in order (a later rule sees what an earlier one added).
+CLASS_CLOSURES: dict[str, tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]] = {
+    # DSRNSS's relation-aware ClassMix (spec 3.2a): "object" meta-group, a traffic light or
+    # sign takes its pole along and a pole its lights and signs; "human-vehicle" meta-group, a
+    # rider takes the motorcycles and bicycles along (person -> rider is not linked).
+    "dsrnss": (
+        ((6, 7), (5,)),
+        ((5,), (6, 7)),
+        ((12,), (17, 18)),
+    ),
 }
 
 
