@@ -28,6 +28,10 @@ COMPOSITIONS = {
                                                  f"refign_ablation_row{r}") for r in range(1, 7)},
     "synthnight/refign": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
                           "configs/synthnight/refign.yaml"],
+    **{f"{b}/dsrnss_hrda": _paper(b, "dsrnss_hrda") for b in ("cs2acdc", "cs2dz")},
+    "cs2dz/dsrnss_daformer": _paper("cs2dz", "dsrnss_daformer"),
+    "synthnight/dsrnss": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
+                          "configs/synthnight/dsrnss.yaml"],
     "predict/dark_zurich_test": [*_paper("cs2dz", "daformer"), "configs/predict/dark_zurich_test.yaml"],
     "predict/acdc_test": [*_paper("cs2acdc", "daformer"), "configs/predict/acdc_test.yaml"],
     "synthnight/source_only": ["configs/synthnight/source_only.yaml"],
@@ -144,6 +148,44 @@ def test_config_instantiates(name, tmp_path):
             assert not refign.use_align and refign.disable_M and not refign.adapt_to_ref
     if name == "synthnight/refign":
         assert algo.refiners[0].cfg.aligner == "similarity" and dm.target_spec.views == ["ref"]
+    if method.startswith("dsrnss") and bench in BENCHMARKS:
+        # refign spec 3.1 / 3.4: Refign + relation-aware ClassMix + long-tail bank + FPA; FPA from
+        # epoch 8 (9664 steps on Dark Zurich, 1600 on ACDC-night); 0.8 on L_mix under HRDA only;
+        # adapt_to_ref off on Dark Zurich, on for ACDC-night
+        dz = bench == "cs2dz"
+        assert [type(r).__name__ for r in algo.refiners] == ["RefignRefiner"]
+        assert type(algo.mixer).__name__ == "RelationAwareClassMix"
+        assert algo.mixer.closures == ((((6, 7), (5,)), ((5,), (6, 7)), ((12,), (17, 18))))
+        assert [type(t).__name__ for t in algo.mixed_transforms] == ["LongTailBank"]
+        bank = algo.mixed_transforms[0]
+        assert bank.tail_classes == (12, 14, 15, 17, 18) and (bank.length, bank.period) == (3, 5)
+        assert bank.epoch_length == (1208 if dz else 200)
+        assert hooks == {"fd", "fpa"}
+        fpa = next(h for h in algo.aux_losses if h.name == "fpa")
+        assert fpa.cfg.fpa_start_step == (9664 if dz else 1600) and fpa.retain_source_graph
+        assert fpa.cfg.fpa_class_weights is None and fpa.cfg.fpa_align_factor is None
+        assert algo.refiners[0].cfg.adapt_to_ref == (not dz)
+        assert bool(algo.target_transforms) == (not dz)
+        hrda = method == "dsrnss_hrda"
+        assert algo.cfg.target_loss_weight == (0.8 if hrda else 1.0)
+        assert (type(module.model).__name__ == "HRDASegmentor") == hrda
+        assert algo.cfg.teacher_stochastic and dm.target_spec.views == ["ref"]
+        assert module.optim_cfg.no_decay == "1d" and module.optim_cfg.head_lr_mult == 10.0
+        night = dm.val_specs["acdc_night_val"]
+        assert (night.name, night.split, night.options) == ("acdc", "val", {"conditions": ["night"]})
+        if dz:
+            splits = {n: (v.name, v.split) for n, v in dm.val_specs.items()}
+            assert splits == {"dz_val": ("dark_zurich", "val"),
+                              "nighttime_driving": ("nighttime_driving", "test"),
+                              "acdc_night_val": ("acdc", "val"),
+                              "bdd100k_night": ("bdd100k_night", "test")}
+        else:
+            assert dm.target_spec.options == {"conditions": ["night"]}
+    if name == "synthnight/dsrnss":
+        assert algo.refiners[0].cfg.aligner == "similarity" and dm.target_spec.views == ["ref"]
+        assert type(algo.mixer).__name__ == "RelationAwareClassMix" and hooks == {"fpa"}
+        assert len(algo.mixed_transforms) == 1 and algo.cfg.target_loss_weight == 1.0
+        assert algo.aux_losses[0].cfg.fpa_start_step == 145
     if method == "ciss_zero_shot":
         # the zero-shot splits replace the training config's validation splits
         splits = {name: (spec.name, spec.split) for name, spec in dm.val_specs.items()}
