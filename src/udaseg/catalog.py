@@ -12,6 +12,7 @@ from .configparse import config_from_dict  # noqa: F401  (re-exported: the parse
 
 DATASETS: dict[str, str] = {
     "cityscapes": "udaseg.data.datasets.cityscapes:Cityscapes",
+    "cityscapes_cem": "udaseg.data.enhance:CityscapesCEM",
     "gta": "udaseg.data.datasets.gta:GTA5",
     "synthia": "udaseg.data.datasets.synthia:Synthia",
     "dark_zurich": "udaseg.data.datasets.dark_zurich:DarkZurich",
@@ -44,6 +45,7 @@ METHODS: dict[str, str] = {
     "ciss": "udaseg.adapt.methods.ciss:build",
     "refign": "udaseg.adapt.methods.refign:build",
     "dsrnss": "udaseg.adapt.methods.dsrnss:build",
+    "icda": "udaseg.adapt.methods.icda:build",
 }
 
 
