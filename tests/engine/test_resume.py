@@ -13,13 +13,16 @@ from udaseg.engine.module import UDAModule
 from udaseg.engine.optim import OptimConfig
 
 
-def make(cs, dz, num_workers=0, refign=False):
+def make(cs, dz, num_workers=0, refign=False, dsrnss=False):
     pipe = PipelineConfig(scale=(64, 32), crop_size=(32, 32))
     target = DatasetSpec("cityscapes", str(cs), "train", labels=False)
     methods = {"fd": {}}
     if refign:  # night images with day references; adapt_to_ref draws from Python's random
         target = DatasetSpec("dark_zurich", str(dz), "val", labels=False, views=["ref"])
         methods["refign"] = {"aligner": "identity", "adapt_to_ref": True}
+    if dsrnss:  # on Refign: per-image ClassMix draws, the long-tail bank (pasted at step 5 from
+        # steps 3, 4, 5: two of them banked before the checkpoint) and FPA from step 2
+        methods["dsrnss"] = {"fpa_start_step": 2}
     dm = UDADataModule(
         source=DatasetSpec("cityscapes", str(cs), "train"),
         target=target,
@@ -102,21 +105,23 @@ def _weights(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("workers, refign", [(0, False), (2, False), (0, True)])
-def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, workers, refign):
+@pytest.mark.parametrize("workers, refign, dsrnss",
+                         [(0, False, False), (2, False, False), (0, True, False), (0, True, True)])
+def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, workers, refign, dsrnss):
     """4 + 3 iterations in one go == 4 iterations, checkpoint, resume for 3 (student, teacher,
     FD's frozen copy): RCS draws, crops, ClassMix and augmentation included, with and without
     loader workers (the data stream has no per-worker state); with Refign (references, the
-    adapt_to_ref coin, the stochastic teacher)."""
+    adapt_to_ref coin, the stochastic teacher); with DSRNSS on Refign (its long-tail bank is
+    in the checkpoint and is compared like the weights)."""
     torch.use_deterministic_algorithms(True)
     try:
         L.seed_everything(0)
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss)
         trainer(tmp_path / "a", 7).fit(module, datamodule=dm)
         straight = _weights(module)
 
         L.seed_everything(0)
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss)
         t = trainer(tmp_path / "b", 7, callbacks=[StopAt(4)])  # the same 7-step schedule, cut at 4
         t.fit(module, datamodule=dm)
         assert t.global_step == 4
@@ -124,12 +129,15 @@ def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, worker
         t.save_checkpoint(ckpt)
 
         L.seed_everything(123)  # a different seed at start-up must not matter
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss)
         trainer(tmp_path / "c", 7).fit(module, datamodule=dm, ckpt_path=ckpt)
         resumed = _weights(module)
     finally:
         torch.use_deterministic_algorithms(False)
     assert straight.keys() == resumed.keys()
     assert any(k.startswith("algorithm.teacher.") for k in straight)
+    if dsrnss:  # the bank holds steps 4, 5, 6 of both runs
+        bank = [k for k in straight if k.endswith("bank_mask")]
+        assert len(bank) == 1 and straight[bank[0]].shape[0] == 3
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
