@@ -394,3 +394,34 @@ def test_dsrnss_iterations_on_refign_with_fd_off_give_gradients():
             assert not torch.equal(grads[0], grads[1])
         opt.step()
     assert len(algo.mixed_transforms[0]) == 3
+
+
+def test_dsrnss_with_an_hrda_student_uses_the_context_features_and_align_over_100():
+    from udaseg.models.hrda import build_hrda
+
+    torch.manual_seed(0)
+    student = build_hrda("mit_tiny", "daformer", head_channels=16, drop_path_rate=0.0)
+    hooks = build_methods({"refign": {"aligner": "identity", "adapt_to_ref": False},
+                           "dsrnss": {"fpa_start_step": 0}}, student)
+    algo = SelfTraining(student, DACSConfig(pseudo_threshold=0.0, target_loss_weight=0.8),
+                        refiners=hooks.refiners, mixer=hooks.mixer, aux_losses=hooks.aux_losses,
+                        mixed_transforms=hooks.mixed_transforms)
+    fpa = hooks.aux_losses[0]
+    seen = {}
+    real = fpa.target_features
+
+    def target_features(ctx, level):
+        f = real(ctx, level)
+        seen["t"], seen["s"] = f.shape, ctx.source_out.features[level].shape
+        seen["factor"] = fpa.align_factor(ctx)
+        return f
+
+    fpa.target_features = target_features
+    src, tgt = _batches(0, size=64)
+    losses = algo.step(student, src, tgt, 0, lambda loss, retain_graph=False: loss.backward(
+        retain_graph=retain_graph))
+    assert torch.isfinite(losses["fpa"]) and losses["fpa"] > 0
+    # context branch at x0.5, last stage stride 32: 64 -> 32 -> 1x1 features
+    assert seen["t"] == seen["s"] == (2, 128, 1, 1) and seen["factor"] == 0.01  # mit_tiny: 128
+    want = losses["fpa_metric"] + losses["fpa_align"] / 100
+    assert losses["fpa"].item() == pytest.approx(want.item(), rel=1e-6)
