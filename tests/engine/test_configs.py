@@ -28,6 +28,9 @@ COMPOSITIONS = {
                                                  f"refign_ablation_row{r}") for r in range(1, 7)},
     "synthnight/refign": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
                           "configs/synthnight/refign.yaml"],
+    "cs2dz/icda": _paper("cs2dz", "icda"),
+    "synthnight/icda": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
+                        "configs/synthnight/icda.yaml"],
     **{f"{b}/dsrnss_hrda": _paper(b, "dsrnss_hrda") for b in ("cs2acdc", "cs2dz")},
     "cs2dz/dsrnss_daformer": _paper("cs2dz", "dsrnss_daformer"),
     "synthnight/dsrnss": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
@@ -89,7 +92,8 @@ def test_config_instantiates(name, tmp_path):
     bench, _, method = name.partition("/")
     if bench in BENCHMARKS:
         assert cli.config.trainer.max_steps == 40000
-        assert dm.source_spec.name == {"gta2cs": "gta", "synthia2cs": "synthia"}.get(bench, "cityscapes")
+        source = dm.source_spec.name.removesuffix("_cem")  # ICDA: Cityscapes with its CEM view
+        assert source == {"gta2cs": "gta", "synthia2cs": "synthia"}.get(bench, "cityscapes")
         assert module.hparams.label_set == ("synthia16" if bench == "synthia2cs" else "cityscapes19")
     if method == "source_only" and bench in BENCHMARKS:
         assert algo.cfg is None and dm.target_spec is None
