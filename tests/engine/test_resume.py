@@ -13,10 +13,16 @@ from udaseg.engine.module import UDAModule
 from udaseg.engine.optim import OptimConfig
 
 
-def make(cs, dz, num_workers=0, refign=False, dsrnss=False):
+def make(cs, dz, num_workers=0, refign=False, dsrnss=False, icda=False):
     pipe = PipelineConfig(scale=(64, 32), crop_size=(32, 32))
     target = DatasetSpec("cityscapes", str(cs), "train", labels=False)
+    source = DatasetSpec("cityscapes", str(cs), "train")
     methods = {"fd": {}}
+    if icda:  # CEM view rendered from the source (torch draws), the DAR on the student and the
+        # EMA teacher, prototypes (a buffer), adapt_to_ref's coin, references with the target
+        source = DatasetSpec("cityscapes_cem", str(cs), "train")
+        target = DatasetSpec("dark_zurich", str(dz), "val", labels=False, views=["ref"])
+        methods["icda"] = {"pseudo_weight_ignore_top": 2, "pseudo_weight_ignore_bottom": 2}
     if refign:  # night images with day references; adapt_to_ref draws from Python's random
         target = DatasetSpec("dark_zurich", str(dz), "val", labels=False, views=["ref"])
         methods["refign"] = {"aligner": "identity", "adapt_to_ref": True}
@@ -24,7 +30,7 @@ def make(cs, dz, num_workers=0, refign=False, dsrnss=False):
         # steps 3, 4, 5: two of them banked before the checkpoint) and FPA from step 2
         methods["dsrnss"] = {"fpa_start_step": 2}
     dm = UDADataModule(
-        source=DatasetSpec("cityscapes", str(cs), "train"),
+        source=source,
         target=target,
         val={"night_val": DatasetSpec("dark_zurich", str(dz), "val")},
         source_pipeline=pipe, target_pipeline=pipe, batch_size=2, num_workers=num_workers,
@@ -33,7 +39,7 @@ def make(cs, dz, num_workers=0, refign=False, dsrnss=False):
     module = UDAModule(
         backbone="mit_tiny", head="segformer", head_channels=16, drop_path_rate=0.0,
         optim=OptimConfig(lr=1e-3, warmup_iters=2),
-        self_training=DACSConfig(teacher_stochastic=refign), methods=methods,
+        self_training=DACSConfig(teacher_stochastic=refign or icda), methods=methods,
     )
     return module, dm
 
@@ -105,23 +111,26 @@ def _weights(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("workers, refign, dsrnss",
-                         [(0, False, False), (2, False, False), (0, True, False), (0, True, True)])
-def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, workers, refign, dsrnss):
+@pytest.mark.parametrize("workers, refign, dsrnss, icda",
+                         [(0, False, False, False), (2, False, False, False),
+                          (0, True, False, False), (0, True, True, False), (0, False, False, True)])
+def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, workers, refign, dsrnss,
+                             icda):
     """4 + 3 iterations in one go == 4 iterations, checkpoint, resume for 3 (student, teacher,
     FD's frozen copy): RCS draws, crops, ClassMix and augmentation included, with and without
     loader workers (the data stream has no per-worker state); with Refign (references, the
     adapt_to_ref coin, the stochastic teacher); with DSRNSS on Refign (its long-tail bank is
-    in the checkpoint and is compared like the weights)."""
+    in the checkpoint and is compared like the weights); with ICDA (the DAR of student and
+    teacher and the class prototypes are in the checkpoint and compared like the weights)."""
     torch.use_deterministic_algorithms(True)
     try:
         L.seed_everything(0)
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss, icda)
         trainer(tmp_path / "a", 7).fit(module, datamodule=dm)
         straight = _weights(module)
 
         L.seed_everything(0)
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss, icda)
         t = trainer(tmp_path / "b", 7, callbacks=[StopAt(4)])  # the same 7-step schedule, cut at 4
         t.fit(module, datamodule=dm)
         assert t.global_step == 4
@@ -129,7 +138,7 @@ def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, worker
         t.save_checkpoint(ckpt)
 
         L.seed_everything(123)  # a different seed at start-up must not matter
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss, icda)
         trainer(tmp_path / "c", 7).fit(module, datamodule=dm, ckpt_path=ckpt)
         resumed = _weights(module)
     finally:
@@ -139,5 +148,10 @@ def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, worker
     if dsrnss:  # the bank holds steps 4, 5, 6 of both runs
         bank = [k for k in straight if k.endswith("bank_mask")]
         assert len(bank) == 1 and straight[bank[0]].shape[0] == 3
+    if icda:
+        protos = [k for k in straight if k.endswith("prototypes.proto")]
+        assert len(protos) == 1 and straight[protos[0]].abs().sum() > 0
+        assert any(k.startswith("model.dar.") for k in straight)
+        assert any(k.startswith("algorithm.teacher.model.dar.") for k in straight)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k

@@ -408,5 +408,20 @@ class CityscapesCEM(_cityscapes()):
                 "render the view from the image (weight-free night rendering).")
             self.records = records
 
-    def __getitem__(self, index: int) -> Sample:
-        return self.cem(super().__getitem__(index))
+        # CEM is the last stage of the dataset's transform, so that wrappers calling
+        # ``load`` + ``transform`` themselves (rare class sampling) get the view too
+        self.transform = _Then(self.transform, self.cem)
+
+
+class _Then:
+    """``second(first(sample))`` (``first`` may be None)."""
+
+    def __init__(self, first: Callable[[Sample], Sample] | None,
+                 second: Callable[[Sample], Sample]) -> None:
+        self.first, self.second = first, second
+
+    def __call__(self, sample: Sample) -> Sample:
+        return self.second(self.first(sample) if self.first is not None else sample)
+
+    def __repr__(self) -> str:
+        return f"{self.first!r} -> {self.second!r}"
