@@ -339,6 +339,8 @@ def test_build_hooks_and_switches():
     with pytest.raises(ConfigError, match="accepts"):
         build({"fpa_start": 3}, None)
     assert build({"tail_classes": [1, 2]}, None)[1].tail_classes == (1, 2)
+    # a command-line override of a method block arrives as a string
+    assert build({"fpa_start_step": "3", "fpa": True}, None)[2].cfg.fpa_start_step == 3
 
 
 def test_dsrnss_iterations_on_refign_with_fd_off_give_gradients():

@@ -162,6 +162,15 @@ class DSRNSSConfig:
     """Optional per-class CE weights (K values) for both terms; off upstream."""
 
     def __post_init__(self) -> None:
+        # method blocks are plain dicts: a command-line override arrives as a string
+        for name in ("bank_length", "paste_period", "fpa_start_step", "fpa_feature_level"):
+            setattr(self, name, int(getattr(self, name)))
+        for name in ("fpa_weight", "fpa_temperature"):
+            setattr(self, name, float(getattr(self, name)))
+        if self.paste_epoch_length is not None:
+            self.paste_epoch_length = int(self.paste_epoch_length)
+        if self.fpa_align_factor is not None:
+            self.fpa_align_factor = float(self.fpa_align_factor)
         if self.bank_length < 1 or self.paste_period < 1:
             raise ConfigError("model.methods.dsrnss: bank_length and paste_period must be >= 1")
         if self.paste_epoch_length is not None and self.paste_epoch_length < 1:
