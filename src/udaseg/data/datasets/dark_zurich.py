@@ -76,6 +76,8 @@ class DarkZurich(SegmentationDataset):
             frame becomes the ``"ref"`` view. Lines for other splits are ignored.
         drop_unpaired: with ``pairs_file``, skip night images the file does not list instead of
             raising an error.
+        depth_transform: ``"cdda"`` (CDDA's load-time transform, :mod:`udaseg.data.depth`) or
+            ``"none"`` (the raw 8-bit map) for the ``"depth"`` view.
         transform: joint transform applied to each sample dict.
     """
 
@@ -91,9 +93,13 @@ class DarkZurich(SegmentationDataset):
         pairs_file: str | Path | None = None,
         drop_unpaired: bool = False,
         transform: Callable[[Sample], Sample] | None = None,
+        depth_transform: str = "cdda",
     ):
+        from ..depth import check_depth_transform
+
         self.root = Path(root)
         self.split = split
+        self.depth_transform = check_depth_transform(depth_transform)
         unknown = [v for v in views if v not in VIEW_CHOICES]
         if unknown:
             raise ConfigError(f"dark_zurich: unknown views {unknown}; choose from {VIEW_CHOICES}")
@@ -155,7 +161,9 @@ class DarkZurich(SegmentationDataset):
 
     def load_view(self, key: str, path: Path) -> np.ndarray:
         if key == "depth":
-            return read_depth(path)
+            from ..depth import read_depth_view
+
+            return read_depth_view(path, self.depth_transform)
         if key == "invalid":
             return read_invalid_mask(path)
         return super().load_view(key, path)

@@ -5,6 +5,7 @@
     <root>/images/<nnnnn>.png                    1914x1052 RGB frames 00001..24966
     <root>/labels/<nnnnn>.png                    palette PNG, palette index = Cityscapes label ID
     <root>/labels/<nnnnn>_labelTrainIds.png      8-bit train IDs, written by `udaseg prepare gta`
+    <root>/depth_any/<nnnnn>.png                 optional ``depth`` view (CDDA, :mod:`udaseg.data.depth`)
 
 The raw labels are palette images whose *indices* are the Cityscapes ``labelIds`` (the palette
 only colours them); ``udaseg prepare gta <root>`` maps them with
@@ -22,7 +23,7 @@ an error naming both files.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from ...errors import ConfigError
 from ..classes import NUM_CLASSES
 from ..io import DataError, read_label
 from ..transforms import Sample
+from ..depth import add_flat_depth_views
 from .base import Record, SegmentationDataset, flat_records
 
 LABEL_SUFFIX = "_labelTrainIds.png"
@@ -70,6 +72,9 @@ class GTA5(SegmentationDataset):
         split: ``"train"`` or ``"all"`` (the same: every frame).
         labels: load the ``*_labelTrainIds.png`` labels; ``False`` lists images only.
         transform: joint transform applied to each sample.
+        views: ``["depth"]`` adds the ``<root>/depth_any/<name>.png`` map (CDDA,
+            :mod:`udaseg.data.depth`).
+        depth_transform: ``"cdda"`` (load-time transform, default) or ``"none"``.
     """
 
     dataset_name = "gta"
@@ -80,6 +85,8 @@ class GTA5(SegmentationDataset):
         split: str = "train",
         labels: bool = True,
         transform: Callable[[Sample], Sample] | None = None,
+        views: Sequence[str] = (),
+        depth_transform: str = "cdda",
     ):
         if split not in SPLITS:
             raise ConfigError(
@@ -97,9 +104,18 @@ class GTA5(SegmentationDataset):
             "Run `udaseg prepare gta <root>` to write the labels/*_labelTrainIds.png files from "
             "the raw labels/<nnnnn>.png (extract 01..10_labels.zip first if those are missing too).",
         )
+        self.depth_transform = depth_transform
+        records = add_flat_depth_views("gta", self.root, records, views, depth_transform)
         super().__init__(records, transform)
 
     def load_label(self, rec: Record, image_size: tuple[int, int]) -> np.ndarray:
         """A label of a slightly different size is resized to the image (module docstring)."""
         label = read_label(rec.label, num_classes=NUM_CLASSES)
         return fit_label_to_image(label, image_size, rec.label, rec.image)
+
+    def load_view(self, key: str, path: Path) -> np.ndarray:
+        if key == "depth":
+            from ..depth import read_depth_view
+
+            return read_depth_view(path, self.depth_transform)
+        return super().load_view(key, path)

@@ -5,6 +5,7 @@
     <root>/RGB/<nnnnnnn>.png                        1280x760 RGB images 0000000..0009399
     <root>/GT/LABELS/<nnnnnnn>.png                  16-bit RGB PNG: R = class ID, G = instance ID
     <root>/GT/LABELS/<nnnnnnn>_labelTrainIds.png    8-bit train IDs, written by `udaseg prepare synthia`
+    <root>/depth_any/<nnnnnnn>.png                  optional ``depth`` view (CDDA, :mod:`udaseg.data.depth`)
 
 (``GT/COLOR`` and ``Depth`` are not used.) The raw labels are 16 bits per channel; Pillow keeps
 only the high byte of such files, which is 0 for every class ID, so they are read with
@@ -22,11 +23,12 @@ protocols of :data:`udaseg.data.classes.LABEL_SETS`. All 9,400 images form the l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ...errors import ConfigError
 from ..transforms import Sample
+from ..depth import add_flat_depth_views
 from .base import SegmentationDataset, flat_records
 
 LABEL_SUFFIX = "_labelTrainIds.png"
@@ -41,6 +43,9 @@ class Synthia(SegmentationDataset):
         split: ``"train"`` or ``"all"`` (the same: every image).
         labels: load the ``*_labelTrainIds.png`` labels; ``False`` lists images only.
         transform: joint transform applied to each sample.
+        views: ``["depth"]`` adds the ``<root>/depth_any/<name>.png`` map (CDDA,
+            :mod:`udaseg.data.depth`).
+        depth_transform: ``"cdda"`` (load-time transform, default) or ``"none"``.
     """
 
     dataset_name = "synthia"
@@ -51,6 +56,8 @@ class Synthia(SegmentationDataset):
         split: str = "train",
         labels: bool = True,
         transform: Callable[[Sample], Sample] | None = None,
+        views: Sequence[str] = (),
+        depth_transform: str = "cdda",
     ):
         if split not in SPLITS:
             raise ConfigError(
@@ -68,4 +75,13 @@ class Synthia(SegmentationDataset):
             "Run `udaseg prepare synthia <root>` to write the GT/LABELS/*_labelTrainIds.png files "
             "from the raw 16-bit GT/LABELS/<nnnnnnn>.png.",
         )
+        self.depth_transform = depth_transform
+        records = add_flat_depth_views("synthia", self.root, records, views, depth_transform)
         super().__init__(records, transform)
+
+    def load_view(self, key: str, path: Path):
+        if key == "depth":
+            from ..depth import read_depth_view
+
+            return read_depth_view(path, self.depth_transform)
+        return super().load_view(key, path)
