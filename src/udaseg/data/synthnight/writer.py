@@ -42,7 +42,14 @@ from udaseg.data.classes import CITYSCAPES_CLASSES, NUM_CLASSES
 
 from .events import EventSimConfig, EventStream, simulate_events, write_events_h5
 from .render import DayStyle, NightParams, NightStyle, image_luminance, render_day, render_night
-from .scene import depth_to_png, noise_tiles, rasterize, sample_dynamic, sample_layout
+from .scene import (
+    depth_to_png,
+    noise_tiles,
+    rasterize,
+    sample_camera,
+    sample_dynamic,
+    sample_layout,
+)
 
 GENERATOR_VERSION = 1
 
@@ -165,6 +172,45 @@ def make_sample(config: SynthNightConfig, split: str, index: int) -> SynthNightS
         rng_ev = _rng(config, split, index, _EVENTS)
         sample.events = simulate_events(lum, layout.camera.cx, layout.camera.cy, rng_ev)
     return sample
+
+
+def reference_camera_move(
+    config: SynthNightConfig, split: str, index: int
+) -> tuple[float, float, float]:
+    """``(shift_x, shift_y, zoom)`` of night image ``index``'s day reference camera.
+
+    Recomputed from the same random draws :func:`make_sample` uses (the first draws of the
+    reference render stream), so it is exact and cheap: no rendering. The reference camera is
+    ``camera.moved(shift_x, shift_y, zoom)``: focal * zoom, principal point + (shift_x, shift_y).
+    """
+    if split not in ("night_train", "night_val"):
+        raise ValueError(
+            f"reference_camera_move: only night splits have references, got {split!r}"
+        )
+    rng_ref = _rng(config, split, index, _REF_RENDER)
+    zoom = rng_ref.uniform(*REF_ZOOM)
+    shift = rng_ref.uniform(-REF_SHIFT, REF_SHIFT, size=2) * np.array([config.width, config.height])
+    return float(shift[0]), float(shift[1]), float(zoom)
+
+
+def reference_flow(config: SynthNightConfig, split: str, index: int) -> np.ndarray:
+    """Exact ground-truth flow night image -> day reference, (2, H, W) float32 in pixels.
+
+    The convention of :mod:`udaseg.models.alignment.base`: pixel (x, y) of the night image (column
+    x, row y) shows the static scene point seen at (x + F_x, y + F_y) in the reference. The move
+    changes only the intrinsics, so for pixel centres x + 0.5 (the rasteriser's)
+    ``F_x = (zoom - 1) (x + 0.5 - cx) + shift_x`` and ``F_y = (zoom - 1) (y + 0.5 - cy) + shift_y``
+    with the night camera's principal point (cx, cy). Holds for every static pixel; the traffic is
+    re-drawn in the reference, so dynamic objects have no true match.
+    """
+    shift_x, shift_y, zoom = reference_camera_move(config, split, index)
+    cam = sample_camera(_rng(config, split, index, _STATIC), config.width, config.height)
+    xs = np.arange(config.width, dtype=np.float64) + 0.5 - cam.cx
+    ys = np.arange(config.height, dtype=np.float64) + 0.5 - cam.cy
+    flow = np.empty((2, config.height, config.width), dtype=np.float32)
+    flow[0] = ((zoom - 1.0) * xs + shift_x)[None, :]
+    flow[1] = ((zoom - 1.0) * ys + shift_y)[:, None]
+    return flow
 
 
 # ----------------------------------------------------------------------------- layout on disk
