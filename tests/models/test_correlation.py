@@ -20,7 +20,8 @@ def _brute_global(t, r):
             for x in range(wr):
                 for i in range(ht):
                     for j in range(wt):
-                        out[n, y * wr + x, i, j] = (r[n, :, y, x].double() * t[n, :, i, j].double()).sum()
+                        prod = r[n, :, y, x].double() * t[n, :, i, j].double()
+                        out[n, y * wr + x, i, j] = prod.sum()
     return out
 
 
@@ -35,7 +36,8 @@ def _brute_local(t, r, p):
                     for j in range(w):
                         y, x = i + dy - rad, j + dx - rad
                         if 0 <= y < h and 0 <= x < w:
-                            out[n, dy * p + dx, i, j] = (t[n, :, i, j].double() * r[n, :, y, x].double()).sum()
+                            prod = t[n, :, i, j].double() * r[n, :, y, x].double()
+                            out[n, dy * p + dx, i, j] = prod.sum()
     return out
 
 
@@ -99,3 +101,11 @@ def test_local_correlation_rejects_bad_input():
         local_correlation(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 5))
     with pytest.raises(ValueError, match="odd"):
         local_correlation(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), 4)
+
+
+def test_local_correlation_channel_groups_do_not_change_the_result():
+    g = torch.Generator().manual_seed(4)
+    t, r = torch.randn(2, 10, 5, 6, generator=g), torch.randn(2, 10, 5, 6, generator=g)
+    whole = local_correlation(t, r, 5, chunk_elements=1 << 30)
+    for chunk in (1, 2 * 5 * 5 * 6 * 3):  # groups of 1 and of 3 channels (last group 1)
+        assert torch.allclose(local_correlation(t, r, 5, chunk_elements=chunk), whole, atol=1e-5)

@@ -114,19 +114,22 @@ def test_per_level_flow_and_log_var_rescaling_on_crafted_weights():
         head.decoder1.predict_mapping.bias.copy_(torch.tensor([0.5, 0.5]))
         head.refinement_module_finest.dc_convs[6].bias.copy_(torch.tensor([0.25, 0.0]))
         for i, v in zip((4, 3, 2, 1), (0.3, -0.2, 0.7, 1.1)):
-            getattr(head, f"estimate_uncertainty_components{i}").predict_uncertainty_final.bias.fill_(v)
+            unc = getattr(head, f"estimate_uncertainty_components{i}")
+            unc.predict_uncertainty_final.bias.fill_(v)
     H, W = 48, 80
     g = torch.Generator().manual_seed(0)
     feats = lambda: [torch.randn(1, 128, H // 4, W // 4, generator=g),  # noqa: E731
                      torch.randn(1, 256, H // 8, W // 8, generator=g),
-                     torch.randn(1, 256, 32, 32, generator=g), torch.randn(1, 512, 16, 16, generator=g)]
+                     torch.randn(1, 256, 32, 32, generator=g),
+                     torch.randn(1, 512, 16, 16, generator=g)]
     with torch.no_grad():
         (f4, l4), (f3, l3), (f2, l2), (f1, l1) = head(feats(), feats(), out_size=(H, W))
     assert f4.shape == (1, 2, 16, 16) and f3.shape == (1, 2, 32, 32)
     assert f2.shape == (1, 2, H // 8, W // 8) and f1.shape == (1, 2, H // 4, W // 4)
     # level 4: mapping 0 -> centre of the 16x16 grid, x16 to 256-space, then to W x H pixels
     grid = torch.arange(16).float()
-    f4_256 = torch.stack(((7.5 - grid).expand(16, 16), (7.5 - grid)[:, None].expand(16, 16)))[None] * 16
+    f4_256 = torch.stack(((7.5 - grid).expand(16, 16),
+                          (7.5 - grid)[:, None].expand(16, 16)))[None] * 16
     s = torch.tensor([W / 256, H / 256]).view(1, 2, 1, 1)
     assert torch.allclose(f4, f4_256 * s, atol=1e-4)
     off = 2 * math.log(math.hypot(H, W) / math.hypot(256, 256))
@@ -196,7 +199,8 @@ def test_strict_loading_from_a_lightning_checkpoint(tmp_path):
     torch.save(vgg_sd, vgg_file)
     aligner = UAWarpCAligner.from_files(plain, vgg=vgg_file)
     assert torch.equal(aligner.alignment_head.reduce.weight, head_sd["reduce.weight"])
-    assert uawarpc_state_dict_from_checkpoint(torch.load(ckpt, weights_only=True)).keys() == head_sd.keys()
+    stripped = uawarpc_state_dict_from_checkpoint(torch.load(ckpt, weights_only=True))
+    assert stripped.keys() == head_sd.keys()
 
 
 def test_loading_errors_name_file_prefix_and_keys(tmp_path):
@@ -213,7 +217,8 @@ def test_loading_errors_name_file_prefix_and_keys(tmp_path):
     sd = _real_state_dict()
     sd["decoder9.weight"] = torch.zeros(1)
     sd["reduce.weight"] = torch.zeros(3, 32, 1, 1)
-    with pytest.raises(CheckpointError, match=r"1 unexpected .*decoder9.weight.*shape mismatches.*reduce.weight"):
+    pattern = r"1 unexpected .*decoder9.weight.*shape mismatches.*reduce.weight"
+    with pytest.raises(CheckpointError, match=pattern):
         load_uawarpc_state_dict(UAWarpC(), sd, source="x")
     # no VGG in the checkpoint and none given
     only_head = tmp_path / "only_head.ckpt"

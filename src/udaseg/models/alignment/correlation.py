@@ -18,9 +18,10 @@ plain PyTorch (no compiled extension).
 
 :func:`local_correlation` loops over the P columns of the window only (9 steps, not 81), each
 step one vectorised product over the channels and the P rows of the window through a strided view
-(``Tensor.unfold``, no copy); the temporary per step is (B, C, P, H, W), i.e. P x the reference
-map. On a CPU this is about as fast as the naive 81-offset loop (both are memory-bound) and much
-faster than an ``F.unfold`` + einsum (P^2 x the map copied); see ``benchmarks/bench_alignment.py``.
+(``Tensor.unfold``, no copy); the temporary per step, (B, C, P, H, W) = P x the reference map, is
+bounded by splitting the channels into groups (``chunk_elements``). Both this and the naive
+81-offset loop are memory-bound; an ``F.unfold`` + einsum (P^2 x the map copied) is several times
+slower on a CPU. See ``benchmarks/bench_alignment.py``.
 """
 
 from __future__ import annotations
@@ -80,24 +81,36 @@ def global_correlation_layer(target: Tensor, reference: Tensor,
     return F.normalize(F.relu(corr), p=2, dim=1)
 
 
-def local_correlation(target: Tensor, reference: Tensor, patch_size: int = 9) -> Tensor:
-    """(B, P^2, H, W) local correlation, dy-major channels, zero outside, no /C (module doc)."""
+def local_correlation(target: Tensor, reference: Tensor, patch_size: int = 9,
+                      chunk_elements: int | None = None) -> Tensor:
+    """(B, P^2, H, W) local correlation, dy-major channels, zero outside, no /C (module doc).
+
+    ``chunk_elements`` bounds the temporary product (B, c, P, H, W) per step by splitting the
+    channels into groups of ``c``; default 2^22 elements on the CPU (cache-sized), 2^28 on a GPU
+    (one group at Refign's sizes).
+    """
     _check_pair(target, reference, "local_correlation")
     if target.shape[-2:] != reference.shape[-2:]:
         raise ValueError(f"local_correlation: target {tuple(target.shape)} and reference "
                          f"{tuple(reference.shape)} differ in size")
     if patch_size < 1 or patch_size % 2 == 0:
-        raise ValueError(f"local_correlation: patch_size must be odd and positive, got {patch_size}")
-    b, _, h, w = target.shape
+        raise ValueError(
+            f"local_correlation: patch_size must be odd and positive, got {patch_size}")
+    b, c, h, w = target.shape
     r = patch_size // 2
+    if chunk_elements is None:
+        chunk_elements = 1 << 22 if target.device.type == "cpu" else 1 << 28
+    group = max(1, min(c, chunk_elements // max(1, b * patch_size * h * w)))
     ref = F.pad(reference, (r, r, r, r))  # zero outside the map
     trg = target.unsqueeze(2)  # (B, C, 1, H, W)
     dtype = torch.promote_types(target.dtype, reference.dtype)
-    out = target.new_empty(b, patch_size, patch_size, h, w, dtype=dtype)
+    out = target.new_zeros(b, patch_size, patch_size, h, w, dtype=dtype)
     for dx in range(patch_size):
         # (B, C, P, H, W) strided view: [.., dy, h, w] = reference (h + dy - r, w + dx - r)
         cols = ref[..., dx:dx + w].unfold(2, patch_size, 1).permute(0, 1, 4, 2, 3)
-        out[:, :, dx] = (trg * cols).sum(dim=1)
+        acc = out[:, :, dx]
+        for c0 in range(0, c, group):
+            acc += (trg[:, c0:c0 + group] * cols[:, c0:c0 + group]).sum(dim=1)
     return out.view(b, patch_size * patch_size, h, w)
 
 

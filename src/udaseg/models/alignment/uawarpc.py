@@ -34,7 +34,8 @@ Level 2 (H/8) and level 1 (H/4), with (h, w) the level's size::
     F, lv = up(F_prev), up(lv_prev)                  (values already in H x W pixels)
     C = normalize(relu(corr9(c_T, warp(c_R, F * (w / W, h / H)))))
     level 2: r, x2 = decoder2([C, F, lv]);                    F2 = F + r
-    level 1: r, x = decoder1([C, F, reduce(up(x2)), lv]);    F1 = F + r + refinement_module_finest(x)
+    level 1: r, x = decoder1([C, F, reduce(up(x2)), lv]);
+             F1 = F + r + refinement_module_finest(x)
     lv_l = unc_l(C, x_l, lv, F)
 
 ``corr9(t, r)[b, dy * 9 + dx, h, w] = sum_c t[c, h, w] r[c, h + dy - 4, w + dx - 4]`` (zero
@@ -354,7 +355,8 @@ def _flat_state_dict(obj: object) -> dict[str, Tensor]:
                 break
             obj = inner
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"expected a checkpoint dict or a state dict, got {type(obj).__name__}")
+        raise CheckpointError(
+            f"expected a checkpoint dict or a state dict, got {type(obj).__name__}")
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
 
 
