@@ -441,17 +441,6 @@ def test_refign_without_teacher(tmp_path: Path):
         import_checkpoint(src, which="teacher")
 
 
-def test_refign_hrda_is_not_supported(tmp_path: Path):
-    ckpt, _, _ = refign_checkpoint(
-        extra=materialize({"hrda_scale_attention.linear_c.0.proj.weight": (E, 16)})
-    )
-    src = tmp_path / "refign_hrda.ckpt"
-    torch.save(ckpt, src)
-    with pytest.raises(UnsupportedCheckpointError, match="not yet supported.*SegFormer"):
-        import_checkpoint(src)
-    assert convert_main([str(src), str(tmp_path / "x.safetensors")]) == 1
-
-
 def test_cmda_and_uawarpc_are_detected_but_not_supported(tmp_path: Path, capsys):
     bb = mit_shapes("mit_tiny")
     sd = {

@@ -6,8 +6,10 @@ student) or the EMA teacher, maps every tensor onto our :class:`~udaseg.models.s
 EncoderDecoder` or :class:`~udaseg.models.hrda.HRDASegmentor` names, checks that every target
 tensor is filled with the right shape, and writes our weights format: a ``.safetensors`` file of
 the segmentor's ``state_dict`` plus string metadata (``udaseg_format``, ``backbone``, ``head``,
-``head_channels``, ``num_classes``, ``hrda``, ``hrda_attention_classwise``, ``source_format``,
-``source_model``, ``source_file``). :func:`load_converted` loads such a file into a model (or builds
+``head_channels``, ``num_classes``, ``hrda`` (``0``, ``1`` = HRDA defaults, or a JSON dict of
+:class:`~udaseg.models.hrda.HRDAConfig` settings for HRDA*), ``hrda_attention_classwise``,
+``hrda_attention_head`` (HRDA* only), ``source_format``, ``source_model``, ``source_file``).
+:func:`load_converted` loads such a file into a model (or builds
 the model from the metadata); :func:`import_checkpoint` does the same conversion in memory (for
 loading a foreign file directly, e.g. by ``--ckpt_path``).
 
@@ -49,6 +51,15 @@ format                 what is mapped                                          t
                        (teacher) -> ``backbone.*`` / ``decode_head.*``;
                        ``imnet_backbone.*``, ``alignment_backbone.*``,
                        ``alignment_head.*`` (UAWarpC, training only) dropped.
+                       HRDA* (Refign / DSRNSS, ``use_hrda``): also            HRDASegmentor
+                       ``[m_]hrda_scale_attention.*``, Refign's SegFormerHead
+                       (``linear_c{1..4}``, ``linear_fuse``, ``linear_pred``,
+                       256 channels, [c4..c1] concatenation) ->
+                       ``scale_attention_head.linear_c.{0..3}`` etc. (order
+                       kept), ``head.*`` -> ``model.decode_head.*``,
+                       ``backbone.*`` -> ``model.backbone.*``; metadata
+                       ``hrda`` = JSON HRDAConfig with
+                       ``attention_head="segformer"``.
 ``udaseg-lightning``   our own Lightning checkpoints (``model.*`` student,     as saved
                        ``algorithm.teacher.model.*`` teacher).
 ``udaseg-weights``     a file written by this module or ``export-weights``.    as saved
@@ -56,11 +67,6 @@ format                 what is mapped                                          t
                        two-encoder fusion model (cmda 2.7).
 ``refign-uawarpc``     detected, **not yet supported**: needs the UAWarpC      --
                        alignment network (refign 2.2, 2.3).
-Refign/DSRNSS HRDA*    detected (``hrda_scale_attention.*``), **not yet        --
-                       supported**: their scale attention is a SegFormer MLP
-                       head whose key names and concatenation order are not in
-                       the specs, and udaseg's HRDA builds a DAFormer-style
-                       attention head.
 =====================  ======================================================  ===================
 
 Numbers a user should then see with our evaluation (from the specs; "val" numbers can be checked
@@ -90,7 +96,9 @@ Refign-DAFormer (lightning-refign)         ACDC test 65.5, DZ test 56.2, RobotCa
 ICDA (lightning-refign)                    DZ test 58.2
 DSRNSS DAFormer (lightning-refign)         no number in the spec (tables unverified)
 CMDA (not supported)                       DSEC-Night test 60.05 mIoU18 (56.89 mIoU19)
-Refign-HRDA* (not supported)               ACDC test 72.1, DZ test 63.9
+Refign-HRDA* (lightning-refign, HRDA)      ACDC test 72.1, DZ test 63.9 (full resolution, slide
+                                           inference 1080x1080 stride 420, refign 2.7)
+DSRNSS HRDA* (lightning-refign, HRDA)      no number in the spec (tables unverified)
 =========================================  ==========================================================
 
 Layouts the specs do not document (the importer reports them by name instead of guessing):
@@ -98,7 +106,9 @@ Layouts the specs do not document (the importer reports them by name instead of 
 * the sub-module names inside Refign/DSRNSS/ICDA's ``head.*`` (assumed equal to the mmseg DAFormer
   head names and verified tensor by tensor: any difference fails with the names), the prefix of
   ICDA's DAR/DAT module (reported as leftover keys; it is training-only, refign 4.3), and
-  Refign's HRDA ``hrda_scale_attention`` SegFormer head (names and concat order);
+  DSRNSS's extra modules, if any (reported as leftover keys). Refign's HRDA*
+  ``hrda_scale_attention`` names and concat order were taken from the upstream code
+  (``models/segmentation_model.py``, ``models/heads/segformer.py``, ``models/modules.py``);
 * the exact names inside HRDA's ``decode_head.scale_attention.*``: spec 7.2 gives the prefix and
   the architecture; the ``fuse_layer.conv`` / ``fuse_layer.bn`` names follow from the
   ``daformer_conv1`` fusion (a ConvModule, spec 2.1/2.2) and are checked by shape;

@@ -148,7 +148,7 @@ def import_checkpoint(
 
     Raises:
         UnsupportedCheckpointError: a recognised format without a udaseg module (CMDA, UAWarpC,
-            Refign HRDA*, non-MiT backbones, ablation decoders).
+            non-MiT backbones, ablation decoders).
         CheckpointError: unreadable file, legacy pickle without ``allow_unsafe``, missing
             tensors, shape mismatches (naming keys and shapes), no teacher in the file, ...
     """

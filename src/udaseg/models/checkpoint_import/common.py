@@ -62,6 +62,13 @@ SEED_RESULTS: dict[str, tuple[str, ...]] = {
         ),
         "ICDA: DZ test 58.2; DSRNSS: no number in the spec",
     ),
+    "lightning-refign/hrda": (
+        (
+            "Refign-HRDA*: ACDC test 72.1, DZ test 63.9 (full resolution, slide inference "
+            "1080x1080 stride 420)"
+        ),
+        "DSRNSS HRDA*: no number in the spec",
+    ),
     "mmseg-segmentor/single": ("no reference number in the specs for bare segmentor files",),
 }
 """Format family -> the seed numbers a user should see after converting (spec sections 10.1,
@@ -139,6 +146,11 @@ class ImportReport:
                 f"{cfg.get('head_channels')} channels, {cfg.get('num_classes')} classes"
                 + (
                     f", HRDA attention {'class-wise' if cfg.get('hrda_attention_classwise') else 'single'}"
+                    + (
+                        f" ({cfg['hrda_attention_head']} head)"
+                        if cfg.get("hrda_attention_head", "same") != "same"
+                        else ""
+                    )
                     if cfg.get("hrda")
                     else ""
                 )
@@ -201,9 +213,23 @@ def _metadata(config: Mapping[str, object], report: ImportReport | None = None) 
         "hrda": "1" if config.get("hrda") else "0",
     }
     if config.get("hrda"):
-        meta["hrda_attention_classwise"] = (
-            "1" if config.get("hrda_attention_classwise", True) else "0"
-        )
+        classwise = bool(config.get("hrda_attention_classwise", True))
+        meta["hrda_attention_classwise"] = "1" if classwise else "0"
+        if config.get("hrda_attention_head", "same") != "same":
+            # HRDA*: the settings as a JSON dict (read by load_segmentor_for_export / segment)
+            import dataclasses
+            import json
+
+            from ..hrda import HRDAConfig
+
+            kind = str(config["hrda_attention_head"])
+            meta["hrda_attention_head"] = kind
+            meta["hrda"] = json.dumps(
+                dataclasses.asdict(
+                    HRDAConfig(attention_classwise=classwise, attention_head=kind)
+                ),
+                sort_keys=True,
+            )
     if report is not None:
         meta.update(
             source_format=report.format,
@@ -213,14 +239,52 @@ def _metadata(config: Mapping[str, object], report: ImportReport | None = None) 
     return meta
 
 
+def _hrda_config(metadata: Mapping[str, str]):
+    """The :class:`~udaseg.models.hrda.HRDAConfig` of converted-weights metadata, or None.
+
+    ``hrda``: ``"0"`` / ``"None"`` (single scale), ``"1"`` (paper defaults) or a JSON dict of
+    settings; ``hrda_attention_classwise`` / ``hrda_attention_head`` override the dict."""
+    import dataclasses
+    import json
+
+    from ..hrda import HRDAConfig
+
+    value = str(metadata.get("hrda", "0")).strip()
+    if value in ("0", "None", "", "false", "False"):
+        return None
+    settings: dict[str, object] = {}
+    if value not in ("1", "True", "true"):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise CheckpointError(
+                f"converted-weights metadata: hrda={value!r} is neither 0/1 nor a JSON dict"
+            )
+        settings = parsed
+    names = {f.name for f in dataclasses.fields(HRDAConfig)}
+    cfg = {k: v for k, v in settings.items() if k in names}
+    if "hrda_attention_classwise" in metadata:
+        cfg["attention_classwise"] = metadata["hrda_attention_classwise"] == "1"
+    if "hrda_attention_head" in metadata:
+        cfg["attention_head"] = metadata["hrda_attention_head"]
+    try:
+        return HRDAConfig(**cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"converted-weights metadata: bad HRDA settings {cfg}: {e}") from None
+
+
 def build_from_metadata(metadata: Mapping[str, str]) -> nn.Module:
     """The (randomly initialised) model a converted file was made for.
 
     ``EncoderDecoder`` from ``build_segmentor(backbone, head, num_classes, head_channels)``; wrapped
-    in ``HRDASegmentor`` (paper-default :class:`~udaseg.models.hrda.HRDAConfig`, with
-    ``attention_classwise`` from the metadata) when ``hrda == "1"``.
+    in ``HRDASegmentor`` when ``hrda`` is ``"1"`` (paper-default
+    :class:`~udaseg.models.hrda.HRDAConfig`) or a JSON dict of settings (Refign's HRDA*:
+    ``attention_head="segformer"``), with ``attention_classwise`` / ``attention_head`` from the
+    ``hrda_attention_classwise`` / ``hrda_attention_head`` entries when present.
     """
-    from ..hrda import HRDAConfig, HRDASegmentor
+    from ..hrda import HRDASegmentor
     from ..segmentor import build_segmentor
 
     try:
@@ -238,9 +302,9 @@ def build_from_metadata(metadata: Mapping[str, str]) -> nn.Module:
         raise CheckpointError(
             f"converted-weights metadata lacks {e.args[0]!r}: {dict(metadata)}"
         ) from None
-    if str(metadata.get("hrda", "0")) in ("1", "True", "true"):
-        classwise = metadata.get("hrda_attention_classwise", "1") == "1"
-        model = HRDASegmentor(model, HRDAConfig(attention_classwise=classwise))
+    hrda_cfg = _hrda_config(metadata)
+    if hrda_cfg is not None:
+        model = HRDASegmentor(model, hrda_cfg)
     return model
 
 

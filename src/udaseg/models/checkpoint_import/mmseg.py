@@ -77,9 +77,17 @@ def _permute_nvlabs_fuse(w: Tensor, levels: int) -> Tensor:
 
 
 def _map_head(
-    head: Mapping[str, Entry], where: str, report: ImportReport, dropped_label: str
+    head: Mapping[str, Entry],
+    where: str,
+    report: ImportReport,
+    dropped_label: str,
+    keep_nvlabs_order: bool = False,
 ) -> tuple[dict[str, Entry], dict[str, object]]:
-    """One decode head in mmseg names -> our names, plus its inferred type and widths."""
+    """One decode head in mmseg names -> our names, plus its inferred type and widths.
+
+    ``keep_nvlabs_order``: an NVlabs SegFormer head (``linear_c{1..4}``) is only renamed, its
+    ``linear_fuse`` keeps the [c4..c1] input order (for a target head built with
+    ``concat_order="nvlabs"``, e.g. Refign's HRDA* scale attention)."""
     keys = list(head)
 
     def shape(name: str) -> tuple[int, ...]:
@@ -144,7 +152,13 @@ def _map_head(
                 out[f"linear_c.{int(m.group(1)) - 1}.{m.group(2)}"] = (src, v)
             else:
                 out[k] = (src, v)
-        if nvlabs:
+        if nvlabs and keep_nvlabs_order:
+            report.notes.append(
+                f"{where}: NVlabs SegFormer head: linear_c{{1..{levels}}} renamed to "
+                f"linear_c.{{0..{levels - 1}}}; linear_fuse keeps the [c4..c1] concatenation "
+                "order (the target head concatenates in that order)"
+            )
+        elif nvlabs:
             src, w = out.get("linear_fuse.conv.weight", (None, None))
             if w is None:
                 raise CheckpointError(f"{report.source!r}: {where} has no linear_fuse.conv.weight")
@@ -246,9 +260,32 @@ def _to_udaseg(seg: Mapping[str, Entry], report: ImportReport) -> tuple[dict[str
         main_mapped, head_cfg = _map_head(
             main, "decode_head.head", report, "decode_head.head.conv_seg.*"
         )
-        att_mapped, att_cfg = _map_head(
-            att, "decode_head.scale_attention", report, "decode_head.scale_attention.conv_seg.*"
+        # Refign's HRDA* (refign 1.3): a SegFormer MLP attention next to a DAFormer main head;
+        # udaseg builds it with HRDAConfig(attention_head="segformer"), [c4..c1] concatenation
+        segformer_att = _has(list(att), "linear_c1.", "linear_c.0.") and _has(
+            list(main), "embed_layers."
         )
+        att_mapped, att_cfg = _map_head(
+            att,
+            "decode_head.scale_attention",
+            report,
+            "decode_head.scale_attention.conv_seg.*",
+            keep_nvlabs_order=segformer_att,
+        )
+        if (
+            segformer_att
+            and _has(list(att), "linear_c.0.")  # DAFormer-repo [c1..c4] naming
+            and "linear_fuse.conv.weight" in att_mapped
+        ):
+            src, w = att_mapped["linear_fuse.conv.weight"]
+            levels = len({k.split(".")[1] for k in att_mapped if k.startswith("linear_c.")})
+            att_mapped["linear_fuse.conv.weight"] = (src, _permute_nvlabs_fuse(w, levels))
+            report.notes.append(
+                "decode_head.scale_attention: linear_fuse input channels permuted from the "
+                "[c1..c4] to the [c4..c1] order of udaseg's SegFormer attention head"
+            )
+        if segformer_att:
+            config["hrda_attention_head"] = "segformer"
         if head_cfg["head"] == "daformer_conv1":
             raise UnsupportedCheckpointError(
                 f"{report.source!r}: the HRDA main head is the daformer_conv1 ablation decoder; "
