@@ -32,6 +32,7 @@ commands:
   export-weights  write a checkpoint's segmentor weights as .safetensors (for model.init_weights)
   export     export a trained segmentor to ONNX (dynamic height/width)
   segment    segment your own images, folders and videos (label, colour and overlay PNGs)
+  align      align a reference image onto a target (Refign's warp): warped image, flow, certainty
   convert    import a released DAFormer/HRDA/MIC/CISS/CDDA/Refign/ICDA checkpoint (.safetensors)
   check-submission  validate a benchmark-server export (Dark Zurich zip, ACDC folder) before upload
 
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in (*LIGHTNING_COMMANDS, "demo", "synth", "prepare", "export-weights",
-                   "check-submission", "convert", "export", "segment"):
+                   "check-submission", "convert", "export", "segment", "align"):
         print(f"udaseg: unknown command {cmd!r}\n\n{HELP}", file=sys.stderr)
         return 2
     try:
@@ -249,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             from ..eval.segment import segment_main
 
             return segment_main(rest)
+        if cmd == "align":
+            from ..eval.align import align_main
+
+            return align_main(rest)
         if cmd == "convert":
             from ..models.checkpoint_import import convert_main
 

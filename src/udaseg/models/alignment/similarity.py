@@ -14,33 +14,47 @@ has no weights, so it runs on any machine and can be checked against SynthNight'
 
 Method. Both images are de-normalised (ImageNet mean/std), turned into log-luminance (day/night
 is mostly a change of illumination, multiplicative, so additive in the log) and then into
-*doubled-angle orientation* images ``o = (g_x + i g_y)^2 / (|g|^2 + eps)`` weighted by a
-locally normalised gradient magnitude. Orientation ignores the gradient's strength (night
+*doubled-angle orientation* images ``o = (g_x + i g_y)^2 / (|g|^2 + local mean |g|^2)``
+(structure tensor smoothed over 3 x 3). Orientation ignores the gradient's strength (night
 contrast is far lower) and the doubled angle ignores its polarity (a lit window is brighter than
-the wall at night, darker by day). Coarse-to-fine: at a coarse level (longest side
-``coarse_size``) every scale of a log-spaced grid over ``1 +/- max_zoom`` is tried: the reference
-orientation image is resampled by that scale about the image centre and phase-correlated (FFT,
-Hann window, whitened cross-power spectrum) with the target's; the scale with the highest peak
-wins and is refined by a parabola over neighbouring scales, the translation by a parabola
-around the peak. Each finer level (twice the size, up to ``fine_size``) pre-warps the reference
-with the current estimate and corrects scale and translation from three nearby scales in the
-same way. Everything is batched torch (``torch.fft``); no Python loop runs over the batch.
+the wall at night, darker by day); flat areas vote ~0. Then, coarse to fine:
 
-Certainty: the peak-to-sidelobe ratio (PSR, peak minus the sidelobe mean over the sidelobe
-standard deviation, sidelobes outside a small window around the peak) of the coarse level, where
-a wrong global match would be decided, mapped to [0, 1] by ``1 - exp(-(max(PSR - psr_floor, 0)
-/ psr_scale)^2)`` and held constant over the image. ``valid`` is the shared warp rule
-(:func:`~udaseg.models.alignment.base.sample_grid`).
+1. Global search at the coarse level (longest side ``coarse_size``): the reference orientation
+   image is resampled by every scale of a log-spaced grid over ``1 +/- max_zoom`` (~0.5 px steps
+   at the border) about the image centre and phase-correlated (FFT, Hann window, whitened
+   cross-power spectrum) with the target's, all scales in one batched FFT. The ``hypotheses``
+   strongest distinct peaks over scale x shift are kept.
+2. Verification and refinement on tiles: the reference is moved by a hypothesis, overlapping
+   tiles (32 or 64 px, half overlap) are phase-correlated with the target's tiles, and a residual
+   similarity (scale, translation; rotation with ``rotation=True``) is fitted to the tiles' shifts
+   by robust (Cauchy, 1 px) iteratively reweighted least squares, each tile voting with its
+   peak-to-sidelobe ratio (PSR) above ``tile_psr_floor``. Tiles on re-drawn traffic or on
+   textureless road and sky get no vote or are outliers. The hypothesis with the largest inlier
+   support wins (this rescues pairs where a large vehicle dominates the global correlation).
+3. The same refinement at each finer level (twice the size, up to ``fine_size``) gives sub-pixel
+   scale and translation.
+
+Everything is batched torch (``torch.fft``, ``grid_sample``, ``unfold``); no Python loop runs over
+the batch. Measured on 2 CPU cores: ~0.05 s for a 128 x 128 pair, ~0.13 s for 512 x 256 and
+~0.3 s for 512 x 512 (benchmarks/results.md, "Alignment on SynthNight"); mean end-point error on
+SynthNight's night/reference pairs ~0.15 px.
+
+Certainty: the PSR-weighted share of the finest level's tiles that agree with the estimate within
+one pixel (scaled down when their summed weight is below ``min_support``), held constant over the
+image: roughly the share of the image where the global model holds. Unrelated or flat pairs get
+~0 (a flat pair, with no agreeing tile, also gets the identity flow). ``valid`` is the shared
+warp rule (:func:`~udaseg.models.alignment.base.sample_grid`).
 
 Limits. One global similarity: no parallax (near objects move more than far ones when the
 camera translates sideways or forwards; SynthNight's references have none, real GPS pairs have
-some), no rotation (a rolled camera; small rolls of one or two degrees only blur the peak), no
-independent motion (re-drawn traffic is treated as clutter, and shows in the certainty only
-through the global peak), scales within ``1 +/- max_zoom`` and shifts within ``max_shift`` of the
-image size. Very large appearance change (snow cover, fog that hides the edges, a reference of
-another street) gives a flat correlation: the estimate is then arbitrary but the certainty low,
-which Refign's fusion reads as "trust the model's own prediction". UAWarpC has none of these
-limits but needs trained weights.
+some: a constant-per-image certainty cannot say where), only small rotation (none by default; with
+``rotation=True`` the tiles fit a small roll, but the global search does not search rotation, so
+rolls beyond a few degrees break the initialisation), no independent motion (re-drawn traffic is
+an outlier to the fit; its pixels get the global flow and the image's certainty), scales within
+``1 +/- max_zoom`` and shifts within ``max_shift`` of the image size. Very large appearance change
+(snow cover, fog that hides the edges, a reference of another street) leaves few agreeing tiles:
+the estimate may be wrong but the certainty is then low, which Refign's fusion reads as "trust the
+model's own prediction". UAWarpC has none of these limits but needs trained weights.
 """
 
 from __future__ import annotations
