@@ -180,7 +180,7 @@ def test_refign_hrda_star_without_teacher_and_broken_attention(tmp_path: Path):
     ckpt, _, _, _, _ = hrda_star_checkpoint(with_teacher=False)
     src = tmp_path / "refign_hrda.ckpt"
     torch.save(ckpt, src)
-    with pytest.raises(CheckpointError, match="no m_backbone.* / m_head.* / m_hrda_scale_attention"):
+    with pytest.raises(CheckpointError, match="no m_backbone.*m_hrda_scale_attention"):
         import_checkpoint(src, which="teacher")
 
     # an attention head of another width than Refign's 256 channels is named with its shapes

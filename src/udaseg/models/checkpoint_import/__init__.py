@@ -65,8 +65,17 @@ format                 what is mapped                                          t
 ``udaseg-weights``     a file written by this module or ``export-weights``.    as saved
 ``cmda-fusion``        detected, **not yet supported**: needs the CMDA         --
                        two-encoder fusion model (cmda 2.7).
-``refign-uawarpc``     detected, **not yet supported**: needs the UAWarpC      --
-                       alignment network (refign 2.2, 2.3).
+``refign-uawarpc``     Refign's UAWarpC matcher (``AlignmentModel``, e.g.      UAWarpCAligner
+                       ``uawarpc_megadepth.ckpt``; refign 2.2, 2.3):           weights
+                       ``alignment_head.*`` checked strictly against
+                       ``UAWarpC().state_dict()`` (names and shapes) and
+                       written with that prefix, plus ``alignment_backbone.
+                       features.N`` (VGG16 up to pool4) when present; output
+                       ``.safetensors`` (metadata ``udaseg_format`` =
+                       ``udaseg-uawarpc-v1``) or ``.pt``/``.pth``, for
+                       ``UAWarpCAligner.from_files``. Picked automatically by
+                       ``udaseg convert``; ``--what aligner`` takes the same
+                       weights out of a ``lightning-refign`` checkpoint.
 =====================  ======================================================  ===================
 
 Numbers a user should then see with our evaluation (from the specs; "val" numbers can be checked
@@ -96,6 +105,9 @@ Refign-DAFormer (lightning-refign)         ACDC test 65.5, DZ test 56.2, RobotCa
 ICDA (lightning-refign)                    DZ test 58.2
 DSRNSS DAFormer (lightning-refign)         no number in the spec (tables unverified)
 CMDA (not supported)                       DSEC-Night test 60.05 mIoU18 (56.89 mIoU19)
+UAWarpC (refign-uawarpc, aligner)          36.8 PCK-5 on the RobotCar matching test (not a
+                                           segmentation number; the aligner is used only for
+                                           Refign's pseudo-label refinement in training)
 Refign-HRDA* (lightning-refign, HRDA)      ACDC test 72.1, DZ test 63.9 (full resolution, slide
                                            inference 1080x1080 stride 420, refign 2.7)
 DSRNSS HRDA* (lightning-refign, HRDA)      no number in the spec (tables unverified)
@@ -115,10 +127,13 @@ Layouts the specs do not document (the importer reports them by name instead of 
 * the unused ``conv_seg.*`` that mmseg's BaseDecodeHead gives the HRDA wrapper head and the
   SegFormer heads: dropped as info when present (not in the spec);
 * CMDA's fusion modules and ``DAFormerHeadFusion`` names (cmda 2.7 gives only ``backbone_image``
-  and ``backbone_events``), UAWarpC's full tree (refign 2.3: ``alignment_head.*`` only), and the
+  and ``backbone_events``), UAWarpC's full tree (refign 2.3 gives ``alignment_head.*`` only; the
+  names are those of :mod:`udaseg.models.alignment.uawarpc`, which follows the upstream module
+  tree, and every tensor is checked by name and shape), and the
   MIC masking module's extra teacher (only built in ablations, spec 8.2).
 """
 
+from .aligner import ALIGNER_FORMAT, ImportedAligner, convert_aligner, import_aligner
 from .api import convert_checkpoint, import_checkpoint, lightning_state_dict, load_converted
 from .cli import convert_main
 from .common import (
@@ -134,17 +149,21 @@ from .detection import detect_format
 from .reading import RawCheckpoint, read_checkpoint
 
 __all__ = [
+    "ALIGNER_FORMAT",
     "CONVERTED_FORMAT",
     "FORMATS",
     "SEED_RESULTS",
     "ImportReport",
+    "ImportedAligner",
     "ImportedCheckpoint",
     "RawCheckpoint",
     "UnsupportedCheckpointError",
     "build_from_metadata",
+    "convert_aligner",
     "convert_checkpoint",
     "convert_main",
     "detect_format",
+    "import_aligner",
     "import_checkpoint",
     "lightning_state_dict",
     "load_converted",

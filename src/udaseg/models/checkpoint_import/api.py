@@ -24,6 +24,7 @@ from .common import (
     _take,
     build_from_metadata,
     claim,
+    start_report,
 )
 from .detection import detect_format
 from .lightning_refign import select_lightning_refign
@@ -94,9 +95,11 @@ def _select(raw: RawCheckpoint, fmt: str, which: Which, report: ImportReport) ->
         )
     elif fmt == "refign-uawarpc":
         raise UnsupportedCheckpointError(
-            f"{raw.path!r}: Refign UAWarpC alignment checkpoint (alignment_head.* keys): not yet "
-            "supported: needs the UAWarpC dense-matching network (refign spec 2.2), which udaseg "
-            "does not implement yet. It is used only during Refign training, not for evaluation."
+            f"{raw.path!r}: Refign UAWarpC alignment checkpoint (alignment_head.* keys): it holds "
+            "the UAWarpC dense matcher (refign spec 2.2), not a segmentor. Convert it with "
+            "`udaseg convert SRC OUT.safetensors` (the aligner is picked automatically; "
+            "import_aligner / convert_aligner in Python) and load the output with "
+            "UAWarpCAligner.from_files."
         )
     else:
         raise CheckpointError(f"import_checkpoint: unknown format {fmt!r}")
@@ -155,19 +158,19 @@ def import_checkpoint(
     if which not in ("student", "teacher"):
         raise CheckpointError(f"which must be 'student' or 'teacher', got {which!r}")
     raw = read_checkpoint(src, allow_unsafe=allow_unsafe)
-    fmt = detect_format(raw)
-    report = ImportReport(source=str(src), format=fmt, which=which)
-    if raw.unsafe:
-        report.notes.append(
-            "loaded with weights_only=False (--allow-unsafe): code pickled in the file was run"
-        )
-    if raw.placeholders:
-        report.notes.append(
-            "classes not installed here were replaced by placeholders while unpickling: "
-            + ", ".join(raw.placeholders)
-        )
-    if raw.skipped:
-        report.notes.append(f"non-tensor state-dict entries ignored: {', '.join(raw.skipped[:10])}")
+    return import_from_raw(raw, detect_format(raw), str(src), which, backbone, strict)
+
+
+def import_from_raw(
+    raw: RawCheckpoint,
+    fmt: str,
+    src: str,
+    which: Which = "student",
+    backbone: str | None = None,
+    strict: bool = False,
+) -> ImportedCheckpoint:
+    """:func:`import_checkpoint` on an already read checkpoint of format ``fmt``."""
+    report = start_report(raw, src, fmt, which)
     seg = _select(raw, fmt, which, report)
     mapped, config = _to_udaseg(seg, report)
     if backbone is not None:

@@ -69,6 +69,12 @@ SEED_RESULTS: dict[str, tuple[str, ...]] = {
         ),
         "DSRNSS HRDA*: no number in the spec",
     ),
+    "refign-uawarpc/single": (
+        (
+            "UAWarpC: 36.8 PCK-5 on the RobotCar matching test (Refign README); used only by "
+            "Refign's pseudo-label refinement during training"
+        ),
+    ),
     "mmseg-segmentor/single": ("no reference number in the specs for bare segmentor files",),
 }
 """Format family -> the seed numbers a user should see after converting (spec sections 10.1,
@@ -129,7 +135,10 @@ class ImportReport:
 
     @property
     def expected_results(self) -> tuple[str, ...]:
-        family = f"{self.format}/{'hrda' if self.config.get('hrda') else 'single'}"
+        family = str(
+            self.config.get("results_family")
+            or f"{self.format}/{'hrda' if self.config.get('hrda') else 'single'}"
+        )
         return SEED_RESULTS.get(family, ())
 
     def format_text(self, max_names: int = 40) -> str:
@@ -140,7 +149,10 @@ class ImportReport:
             f"format:   {self.format}: {FORMATS.get(self.format, '')}",
             f"selected: {self.which}",
         ]
-        if self.target:
+        if self.target and cfg.get("kind") == "aligner":
+            lines.append(f"target:   {self.target} ({cfg.get('description', '')})")
+            lines.append(f"mapped:   {len(self.mapping)} tensors (every target tensor filled)")
+        elif self.target:
             lines.append(
                 f"target:   {self.target} ({cfg.get('backbone')} + {cfg.get('head')} head, "
                 f"{cfg.get('head_channels')} channels, {cfg.get('num_classes')} classes"
@@ -187,6 +199,23 @@ class ImportedCheckpoint:
         model = build_from_metadata(self.metadata)
         _load_checked(model, self.state_dict, self.report.source)
         return model
+
+
+def start_report(raw, src: str, fmt: str, which: str) -> ImportReport:
+    """A fresh report for ``raw`` (a :class:`~.reading.RawCheckpoint`) with the reading notes."""
+    report = ImportReport(source=str(src), format=fmt, which=which)
+    if raw.unsafe:
+        report.notes.append(
+            "loaded with weights_only=False (--allow-unsafe): code pickled in the file was run"
+        )
+    if raw.placeholders:
+        report.notes.append(
+            "classes not installed here were replaced by placeholders while unpickling: "
+            + ", ".join(raw.placeholders)
+        )
+    if raw.skipped:
+        report.notes.append(f"non-tensor state-dict entries ignored: {', '.join(raw.skipped[:10])}")
+    return report
 
 
 Entry = tuple[str, Tensor]  # (source key, tensor)

@@ -16,6 +16,8 @@ def detect_format(raw: RawCheckpoint) -> str:
         CheckpointError: no known layout; the message shows the first keys.
     """
     keys = list(raw.tensors)
+    if raw.metadata.get("udaseg_format") == "udaseg-uawarpc-v1":  # convert --what aligner output
+        return "refign-uawarpc"
     if raw.metadata.get("udaseg_format") or (
         raw.metadata and {"backbone", "head", "num_classes"} <= set(raw.metadata)
     ):

@@ -62,7 +62,8 @@ def select_lightning_refign(
     )
     report.drop(
         "alignment_backbone.*, alignment_head.*",
-        "the frozen UAWarpC aligner (training only; udaseg has no UAWarpC module yet)",
+        "the frozen UAWarpC aligner (training only; `udaseg convert --what aligner` "
+        "extracts it)",
         sorted(k for k in t if k.startswith(("alignment_backbone.", "alignment_head."))),
     )
     used.update(report.dropped_keys)
