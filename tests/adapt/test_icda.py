@@ -103,7 +103,7 @@ def test_dar_terms_train_the_dar_only():
     grads = {n: p.grad for n, p in student.named_parameters()}
     assert all(g is None for n, g in grads.items() if n.startswith("decode_head."))
     assert all(g is None for n, g in grads.items() if n.startswith("backbone."))
-    assert all(g is not None for n, g in grads.items() if n.startswith("dar.stages.1.blocks.1"))
+    assert all(g is not None for n, g in grads.items() if n.startswith("train_only.dar.stages.1.blocks.1"))
     assert all(p.requires_grad for p in student.decode_head.parameters())  # restored
     assert ref_hook.prototypes.proto.abs().sum() > 0  # updated from the enhanced pair
     assert set(ctx.losses) >= {"icda_ref_ce", "icda_sp"}
@@ -122,7 +122,7 @@ def test_icda_iterations_on_a_tiny_student_and_the_teacher_dar_pseudo_labels():
     student = _student()
     algo, hooks = _loop(student)
     assert [h.name for h in algo.aux_losses] == ["icda_enh", "icda_ref", "icda_tp"]
-    assert hasattr(algo.teacher.model, "dar")  # the EMA covers the DAR
+    assert "dar" in algo.teacher.model.train_only  # the EMA covers the DAR
     refiner = algo.refiners[0]
     assert isinstance(refiner, DARPseudoLabels) and refiner.teacher_views == ("ref",)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
@@ -137,7 +137,7 @@ def test_icda_iterations_on_a_tiny_student_and_the_teacher_dar_pseudo_labels():
     refiner.__call__ = spy  # instance attribute: the loop calls refine(ctx, pseudo)
     algo.refiners[0] = spy
     random.seed(3)
-    dar_before = student.dar.stages[0].down[0].weight.detach().clone()
+    dar_before = student.train_only["dar"].stages[0].down[0].weight.detach().clone()
     for step in range(4):
         src, trg = _batches()
         opt.zero_grad()
@@ -145,7 +145,7 @@ def test_icda_iterations_on_a_tiny_student_and_the_teacher_dar_pseudo_labels():
         opt.step()
         assert all(torch.isfinite(v) for v in losses.values())
         assert {"src", "mix", "icda_enh", "icda_ref", "icda_tp", "icda_sp"} <= set(losses)
-    assert not torch.equal(dar_before, student.dar.stages[0].down[0].weight)
+    assert not torch.equal(dar_before, student.train_only["dar"].stages[0].down[0].weight)
     # both branches happened: reference-as-target (labels kept) and DAR (labels replaced)
     assert (True, True) in seen and (False, False) in seen
     assert refiner.capture.handle is None  # the one-shot capture hook never lingers

@@ -123,6 +123,35 @@ def test_export_weights_roundtrip(tmp_path):
         assert f.metadata()["backbone"] == "mit_tiny"
 
 
+def test_training_only_modules_are_not_exported(tmp_path):
+    """A method's training-only module (ICDA's DAR: ``model.train_only.*``) is in the checkpoint
+    but not in exported weights, ONNX's weight reader or ``init_weights`` from the .ckpt."""
+    import torch
+
+    from udaseg.engine.module import UDAModule
+    from udaseg.eval.onnx_export import _read_weights
+    from udaseg.models.segmentor import attach_training_module, training_module
+
+    m = UDAModule(backbone="mit_tiny", head="segformer", head_channels=16)
+    extra = attach_training_module(m.model, "dar", torch.nn.Linear(3, 2))
+    assert training_module(m.model, "dar") is extra
+    assert attach_training_module(m.model, "dar", torch.nn.Linear(3, 2)) is extra  # kept
+    state = {f"model.{k}": v for k, v in m.model.state_dict().items()}
+    assert "model.train_only.dar.weight" in state
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": dict(m.hparams)}, ckpt)
+    out = tmp_path / "w.safetensors"
+    assert main(["export-weights", str(ckpt), str(out)]) == 0
+    for init in (out, ckpt):
+        m2 = UDAModule(backbone="mit_tiny", head="segformer", head_channels=16,
+                       init_weights=str(init))
+        assert not any(k.startswith("train_only") for k in m2.model.state_dict())
+        torch.testing.assert_close(m2.model.decode_head.state_dict(),
+                                   m.model.decode_head.state_dict())
+    exported, _ = _read_weights(ckpt)
+    assert exported and not any(k.startswith("train_only.") for k in exported)
+
+
 def test_demo_with_dacs_equal_compute(tmp_path):
     from udaseg.engine.demo import DemoConfig, run_demo
 

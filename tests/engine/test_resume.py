@@ -151,7 +151,7 @@ def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, worker
     if icda:
         protos = [k for k in straight if k.endswith("prototypes.proto")]
         assert len(protos) == 1 and straight[protos[0]].abs().sum() > 0
-        assert any(k.startswith("model.dar.") for k in straight)
-        assert any(k.startswith("algorithm.teacher.model.dar.") for k in straight)
+        assert any(k.startswith("model.train_only.dar.") for k in straight)
+        assert any(k.startswith("algorithm.teacher.model.train_only.dar.") for k in straight)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k

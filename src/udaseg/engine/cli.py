@@ -174,6 +174,7 @@ def prepare_main(argv: list[str]) -> int:
 def export_weights_main(argv: list[str]) -> int:
     import torch
 
+    from ..models.segmentor import inference_state
     from ..models.weights import load_state_dict_file, save_segmentor_weights
 
     p = argparse.ArgumentParser(
@@ -184,7 +185,9 @@ def export_weights_main(argv: list[str]) -> int:
     p.add_argument("out", help="output .safetensors file")
     a = p.parse_args(argv)
     state = load_state_dict_file(a.ckpt)
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    weights = inference_state(
+        {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    )
     if not weights:
         raise CheckpointError(
             f"{a.ckpt}: no 'model.*' weights, so it is not a udaseg training checkpoint; a released "

@@ -94,12 +94,13 @@ def read_segmentor_weights(path: str) -> dict[str, torch.Tensor]:
     """Segmentor weights from a udaseg Lightning ``.ckpt`` (its ``model.*`` entries) or from a
     weights file (``export-weights`` / ``udaseg convert`` ``.safetensors``, ``.pth``), whose keys
     are already the segmentor's; read with ``weights_only=True``."""
+    from ..models.segmentor import inference_state
     from ..models.weights import load_state_dict_file
 
     state = load_state_dict_file(path)
     if str(path).endswith(".ckpt"):
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    return state
+    return inference_state(state)
 
 
 def load_segmentor_weights(model: torch.nn.Module, state: dict, path: str) -> None:

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from udaseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from udaseg.errors import CheckpointError, ConfigError
 from udaseg.models.hrda import HRDAConfig, HRDASegmentor
-from udaseg.models.segmentor import build_segmentor
+from udaseg.models.segmentor import build_segmentor, inference_state
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -459,6 +459,7 @@ def _read_weights(
         k.startswith("scale_attention_head.") for k in state
     ):  # Lightning's model.*, not a bare HRDA segmentor's own model.* + scale_attention_head.*
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    state = inference_state(state)  # training-only modules (ICDA's DAR) are not exported
     if not state:
         raise CheckpointError(f"{str(path)!r}: no segmentor weights found")
     return state, info

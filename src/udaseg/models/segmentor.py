@@ -31,8 +31,12 @@ __all__ = [
     "EncoderDecoder",
     "FeatureBackbone",
     "SegOutput",
+    "TRAINING_ONLY",
+    "attach_training_module",
     "build_segmentor",
+    "inference_state",
     "param_groups",
+    "training_module",
 ]
 
 BACKBONES: tuple[str, ...] = tuple(MIT_VARIANTS)
@@ -152,3 +156,39 @@ def build_segmentor(
         width = 768 if head_channels is None else head_channels
         decode_head = SegFormerHead(encoder.out_channels, num_classes=num_classes, embed_dim=width)
     return EncoderDecoder(encoder, decode_head)
+
+
+TRAINING_ONLY = "train_only"
+"""Name of the :class:`~torch.nn.ModuleDict` under which a method attaches modules that train
+with the segmentor but are not part of inference (ICDA's DAR). They are in the student's
+parameters (optimiser), the EMA teacher and checkpoints (``model.train_only.<name>.*``);
+:func:`inference_state` drops them, so exported weights, ONNX and ``init_weights`` see the plain
+segmentor."""
+
+
+def attach_training_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Register ``module`` as ``model.train_only[name]`` (kept when one is already there) and
+    return the registered module; it follows ``model``'s device and dtype."""
+    store = getattr(model, TRAINING_ONLY, None)
+    if store is None:
+        store = nn.ModuleDict()
+        setattr(model, TRAINING_ONLY, store)
+    if name in store:
+        return store[name]
+    ref = next(model.parameters(), None)
+    if ref is not None:
+        module = module.to(device=ref.device, dtype=ref.dtype)
+    store[name] = module
+    return module
+
+
+def training_module(model: nn.Module, name: str) -> nn.Module | None:
+    """``model.train_only[name]`` or ``None``."""
+    store = getattr(model, TRAINING_ONLY, None)
+    return store[name] if store is not None and name in store else None
+
+
+def inference_state(state: dict) -> dict:
+    """A segmentor state dict without the training-only modules (``train_only.*`` keys)."""
+    prefix = TRAINING_ONLY + "."
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}

@@ -11,7 +11,7 @@ re-implemented from ``shared/spec/refign_dsrnss_icda_spec.md`` sections 1.3, 2.5
 Pairs: the source pair (x_s day, x_e its enhanced and CompositeFlow-warped copy with label y_e,
 :mod:`udaseg.data.enhance`) imitates the target pair (x_t night, x_r its day reference). With the
 student backbone B, head H, DAR D (:mod:`udaseg.models.dar`, attached to the student as
-``student.dar`` so that the optimiser, the EMA teacher and checkpoints include it) one step is::
+the training-only module ``student.train_only["dar"]`` so that the optimiser, the EMA teacher and checkpoints include it) one step is::
 
     L_src = CE(H(B(x_s)), y_s)   (+ FD 0.005)                          loop, source stage
     L_enh = CE(H(B(x_e)), y_e)                                          hook "icda_enh"
@@ -42,7 +42,7 @@ tau = 0.02 one. We could not read the paper's PCA equation (the PDF text is not 
 the InfoNCE form it names conventionally uses a small temperature dividing the similarity, which
 supports tau = 0.02 [inferred, spec 4.4], while the release divides by 50 (parity preset).
 
-Learning rates: ``student.dar`` parameters are not under ``decode_head``, so with the Refign
+Learning rates: the DAR's parameters are not under ``decode_head``, so with the Refign
 optimiser (lr 6e-5, head_lr_mult 10, i.e. head 6e-4 and backbone x0.1) they get 6e-5 = 0.1 x the
 head lr: the release's ``dar_lr_factor 0.1``. Other factors are not expressible (see the report).
 
@@ -212,33 +212,34 @@ class ClassPrototypes(nn.Module):
 
 
 def attach_dar(student: nn.Module, dar_settings: dict | None = None) -> nn.Module:
-    """Give ``student`` (an :class:`~udaseg.models.segmentor.EncoderDecoder`) a DAR as
-    ``student.dar`` (kept if it already has one); returns it. The segmentor's forward never
-    calls it (inference is backbone + head only)."""
+    """Give ``student`` (an :class:`~udaseg.models.segmentor.EncoderDecoder`) a DAR as the
+    training-only module ``student.train_only["dar"]`` (kept if it already has one; see
+    :func:`~udaseg.models.segmentor.attach_training_module`); returns it. The segmentor's forward
+    never calls it (inference is backbone + head only) and exports drop it."""
     from ...configparse import config_from_dict
     from ...models.dar import DAR, DARConfig
+    from ...models.segmentor import attach_training_module, training_module
 
     if not (hasattr(student, "backbone") and hasattr(student, "decode_head")):
         raise ConfigError("ICDA needs a plain backbone + decode-head segmentor (DAFormer); "
                           f"got {type(student).__name__} (HRDA is not supported)")
-    existing = getattr(student, "dar", None)
+    existing = training_module(student, "dar")
     if isinstance(existing, DAR):
         return existing
     cfg = config_from_dict(DARConfig, dict(dar_settings or {}), "model.methods.icda.dar")
-    dar = DAR(student.backbone.out_channels, cfg)
-    try:  # follow the student's device and dtype
-        ref = next(student.parameters())
-        dar = dar.to(device=ref.device, dtype=ref.dtype)
-    except StopIteration:
-        pass
-    student.dar = dar
-    return dar
+    return attach_training_module(student, "dar", DAR(student.backbone.out_channels, cfg))
+
+
+def _dar(model: nn.Module) -> nn.Module | None:
+    from ...models.segmentor import training_module
+
+    return training_module(model, "dar")
 
 
 def _dar_logits(model: nn.Module, feats_q: list[Tensor], feats_r: list[Tensor],
                 size: tuple[int, int]) -> Tensor:
     """up(H(D(F_q, F_r))) with the head frozen while the graph is built."""
-    coupled = model.dar(feats_q, feats_r)
+    coupled = _dar(model)(feats_q, feats_r)
     with frozen_parameters(model.decode_head):
         z = model.decode_head(coupled)
     return F.interpolate(z, size=size, mode="bilinear", align_corners=False)
@@ -315,7 +316,7 @@ class DARPseudoLabels:
         if view not in ctx.target:
             raise ConfigError(f"ICDA: batch['target'] has no {view!r} view; " + REFERENCE_HINT)
         teacher = ctx.teacher
-        if teacher is None or not hasattr(teacher, "dar"):
+        if teacher is None or _dar(teacher) is None:
             raise ValueError("ICDA: the EMA teacher has no DAR (build the methods before the "
                              "self-training loop copies the student)")
         if ctx.pseudo_from_probs is None:
@@ -424,7 +425,7 @@ class TargetPairDARLoss:
 
 
 def build(settings: dict, student) -> list:
-    """The method-catalog builder (``model.methods.icda``): attaches ``student.dar`` and returns
+    """The method-catalog builder (``model.methods.icda``): attaches the DAR and returns
     [target transform, DAR refiner, icda_enh, icda_ref, icda_tp] (aux losses in this order)."""
     from ...configparse import config_from_dict
 
