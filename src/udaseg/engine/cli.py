@@ -24,7 +24,8 @@ Unsupervised domain adaptation of semantic segmentation (DAFormer / HRDA / MIC f
 commands:
   demo       generate SynthNight, train on day, evaluate on day and night, write a report
   synth      write a SynthNight copy (procedural day/night benchmark) to a folder
-  prepare    convert labels, write RCS statistics / event indexes, check a dataset folder
+  prepare    convert labels, write RCS statistics / event indexes, check a dataset folder;
+             `udaseg prepare cdda-bank --config TRAIN.yaml --out BANK`: CDDA's source bank
   fit        train a model from a YAML config          (LightningCLI: udaseg fit --config X.yaml)
   validate   evaluate a checkpoint on the validation splits
   test       evaluate a checkpoint on the test splits
@@ -33,6 +34,7 @@ commands:
   export     export a trained segmentor to ONNX (dynamic height/width)
   segment    segment your own images, folders and videos (label, colour and overlay PNGs)
   align      align a reference image onto a target (Refign's warp): warped image, flow, certainty
+  depth      write Depth Anything V2 depth maps (depth_any/ layout, CDDA) from a local model
   convert    import a released DAFormer/HRDA/MIC/CISS/CDDA/Refign/ICDA checkpoint (.safetensors)
   check-submission  validate a benchmark-server export (Dark Zurich zip, ACDC folder) before upload
 
@@ -144,7 +146,36 @@ def synth_main(argv: list[str]) -> int:
     return 0
 
 
+def cdda_bank_main(argv: list[str]) -> int:
+    from .prepare import prepare_cdda_bank
+
+    p = argparse.ArgumentParser(
+        prog="udaseg prepare cdda-bank",
+        description="Build CDDA's source bank from a training config: N source crops drawn exactly "
+        "like training (dataset, resize, crop, cat_max_ratio, RCS, data.seed), stored as records "
+        "(file, crop box, flip), and their class x depth-bin histograms (one memory-mapped array). "
+        "Interruptible: a re-run continues where it stopped.",
+    )
+    p.add_argument("--config", action="append", required=True,
+                   help="training config YAML (repeat to merge, as for `udaseg fit`)")
+    p.add_argument("--out", required=True, help="bank folder to write (header.json, hist.npy, records.npy)")
+    p.add_argument("--n", type=int, default=None,
+                   help="number of crops (default: the source dataset's size, as CDDA)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes drawing crops (default: up to 8; 0 = this process)")
+    p.add_argument("--force", action="store_true", help="replace an existing bank with other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    workers = a.workers if a.workers is not None else min(8, os.cpu_count() or 1)
+    path = prepare_cdda_bank(a.config, a.out, n=a.n, workers=workers if workers > 1 else 0,
+                             progress=not a.quiet, force=a.force)
+    print(f"CDDA source bank ready: {path}")
+    return 0
+
+
 def prepare_main(argv: list[str]) -> int:
+    if argv and argv[0] == "cdda-bank":
+        return cdda_bank_main(argv[1:])
     from .prepare import PREPARATIONS, prepare_dataset
 
     p = argparse.ArgumentParser(
@@ -231,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in (*LIGHTNING_COMMANDS, "demo", "synth", "prepare", "export-weights",
-                   "check-submission", "convert", "export", "segment", "align"):
+                   "check-submission", "convert", "export", "segment", "align", "depth"):
         print(f"udaseg: unknown command {cmd!r}\n\n{HELP}", file=sys.stderr)
         return 2
     try:
@@ -257,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             from ..eval.align import align_main
 
             return align_main(rest)
+        if cmd == "depth":
+            from ..eval.depth_maps import depth_main
+
+            return depth_main(rest)
         if cmd == "convert":
             from ..models.checkpoint_import import convert_main
 

@@ -193,3 +193,153 @@ def prepare_dataset(
             stats = load_or_compute_class_stats(ds, workers=n_proc if n_proc > 1 else 0, progress=progress)
             say(f"{name}: RCS statistics of {len(stats)} {prep.rcs_split} labels in {root / STATS_FILE}")
     return PrepareResult(lines, report)
+
+
+# --------------------------------------------------------------------------------------------
+# udaseg prepare cdda-bank
+
+
+def load_training_configs(paths: list[str | Path]) -> dict:
+    """Merge YAML training configs in order, like ``udaseg fit --config A --config B``: nested
+    mappings merge key by key, anything else (lists included) is replaced by the later file."""
+    import yaml
+
+    from ..errors import ConfigError
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    merged: dict = {}
+    for p in paths:
+        path = Path(p)
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"training config {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"training config {path} is not valid YAML ({exc})") from None
+        if not isinstance(content, dict):
+            raise ConfigError(f"training config {path} must hold a mapping (trainer/model/data)")
+        merged = merge(merged, content)
+    return merged
+
+
+def _cdda_source(data: dict, transform):
+    """The training source dataset of a ``data`` section, built like ``DatasetSpec.build``;
+    returns (dataset, its settings for the bank header)."""
+    import inspect
+
+    from ..errors import ConfigError
+
+    spec = data.get("source")
+    if not isinstance(spec, dict) or "name" not in spec or "root" not in spec:
+        raise ConfigError("udaseg prepare cdda-bank: the config has no data.source {name, root}")
+    unknown = sorted(set(spec) - {"name", "root", "split", "labels", "views", "options"})
+    if unknown:
+        raise ConfigError(f"data.source: unknown setting(s) {unknown}")
+    if spec.get("labels", True) is False:
+        raise ConfigError("udaseg prepare cdda-bank: data.source must be labelled (labels: true)")
+    name = str(spec["name"])
+    cls = resolve(DATASETS, name, "dataset")
+    options = dict(spec.get("options") or {})
+    accepted = set(inspect.signature(cls).parameters)
+    bad = sorted(set(options) - accepted)
+    if bad:
+        raise ConfigError(f"dataset {name!r}: unknown option(s) {bad}; {cls.__name__} accepts "
+                          f"{sorted(accepted - {'root', 'split', 'labels', 'transform'})}")
+    kwargs = dict(root=spec["root"], split=spec.get("split", "train"), labels=True, transform=transform)
+    views = spec.get("views")
+    if views is not None:
+        kwargs["views"] = list(views)
+    ds = cls(**kwargs, **options)
+    if not ds.records or "depth" not in ds.records[0].views:
+        raise ConfigError(
+            f"udaseg prepare cdda-bank: data.source ({name} at {spec['root']}) has no depth view, "
+            "and the bank's class x depth histograms need the source depth maps. Add "
+            "`views: [depth]` to data.source (the maps go in <root>/depth_any/, written by "
+            "`udaseg depth`; SynthNight copies have them)."
+        )
+    from ..data.cdda_bank import source_fingerprint
+
+    settings = {
+        "name": name, "class": DATASETS[name], "root": str(Path(spec["root"]).resolve()),
+        "split": kwargs["split"], "views": list(views) if views is not None else ["depth"],
+        "options": options, "len": len(ds), "fingerprint": source_fingerprint(ds),
+    }
+    return ds, settings
+
+
+def prepare_cdda_bank(
+    configs: list[str | Path],
+    out: str | Path,
+    *,
+    n: int | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Build CDDA's source bank from the training config(s) (:mod:`udaseg.data.cdda_bank`).
+
+    The crops are the first ``n`` positions (default: the source dataset's size, as CDDA) of
+    the training source stream of rank 0: the same dataset, source pipeline (resize, crop size,
+    ``cat_max_ratio``, flip), rare class sampling and ``data.seed`` as ``udaseg fit`` with these
+    configs (:class:`udaseg.engine.datamodule.UDADataModule`, domain 0 of the stream seed).
+    """
+    import warnings
+
+    from ..configparse import config_from_dict
+    from ..data.cdda_bank import IndexReporting, build_bank
+    from ..data.rcs import RareClassDataset, RCSConfig
+    from ..data.stream import SampleStream
+    from ..data.transforms import PipelineConfig
+    from ..errors import ConfigError
+
+    if not configs:
+        raise ConfigError("udaseg prepare cdda-bank: pass the training config with --config X.yaml")
+    cfg = load_training_configs(configs)
+    data = cfg.get("data") or {}
+    if not isinstance(data, dict):
+        raise ConfigError("udaseg prepare cdda-bank: the config's data section must be a mapping")
+    if data.get("synthnight") is not None:  # what UDADataModule.prepare_data does
+        from ..data.synthnight import SynthNightConfig, generate
+
+        generate(Path(data.get("synthnight_root", "data/synthnight")),
+                 config_from_dict(SynthNightConfig, data["synthnight"], "data.synthnight"))
+    if data.get("stylize") is not None and data.get("target") is not None:
+        warnings.warn(
+            "data.stylize is set: training draws its source crops through the paired (CISS) "
+            "stream; the bank uses the plain source stream (same distribution, other draws).",
+            stacklevel=2,
+        )
+    if "source_pipeline" in data and data["source_pipeline"] is not None:
+        pipeline = config_from_dict(PipelineConfig, data["source_pipeline"], "data.source_pipeline")
+    else:
+        pipeline = PipelineConfig(cat_max_ratio=0.75)  # UDADataModule's default
+    rcs = config_from_dict(RCSConfig, data["rcs"], "data.rcs") if data.get("rcs") is not None else None
+    seed = int(data.get("seed", 0))
+    source, source_settings = _cdda_source(data, pipeline.train())
+    ds = IndexReporting(source)
+    if rcs is not None:
+        ds = RareClassDataset(ds, config=rcs, seed=seed)
+    stream = SampleStream(ds, seed=seed * 16 + 0, rank=0)  # UDADataModule._train_loader, domain 0
+    n = len(source) if n is None else int(n)
+    header = {
+        "crop_size": [int(v) for v in pipeline.crop_size],
+        "seed": seed,
+        "stream": {"seed": seed * 16, "rank": 0, "positions": [0, n]},
+        "rcs": dataclasses.asdict(rcs) if rcs is not None else None,
+        "source": source_settings,
+        "pipeline": {
+            "scale": [int(v) for v in pipeline.scale],
+            "crop_size": [int(v) for v in pipeline.crop_size],
+            "cat_max_ratio": float(pipeline.cat_max_ratio),
+            "flip_prob": float(pipeline.flip_prob),
+            "mean": [float(v) for v in pipeline.mean],
+            "std": [float(v) for v in pipeline.std],
+        },
+    }
+    return build_bank(out, stream, n, header, workers=workers, progress=progress, force=force, log=log)
