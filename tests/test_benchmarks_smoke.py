@@ -116,3 +116,11 @@ def test_precision_curves_compares_two_logged_runs(bench, tmp_path):
     assert "| 0-99 | 1.4600 | 1.6060 | +10.0% | 0.5000 | 0.5500 | +10.0% |" in text
     assert "night_val fp32 10.00; night_val bf16 11.00" in text
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_cdda_bank(bench, tmp_path):
+    mod = bench("bench_cdda_bank")
+    figs = mod.main(["--n", "64", "--crop", "32", "--threads", "1", "--no-append",
+                     "--dir", str(tmp_path)])
+    check(figs, ["cdda_bank/open/N64"], "ms")
+    assert figs[0].numbers["file_bytes"] >= 64 * 19 * 256 * 4
