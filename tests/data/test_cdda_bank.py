@@ -71,6 +71,7 @@ def test_header_round_trip(built):
     assert bank.hist.dtype == torch.float32 and tuple(bank.hist.shape) == (N, 19, 256)
     assert sorted(p.name for p in out.iterdir()) == sorted([HEADER_FILE, HIST_FILE, RECORDS_FILE])
     assert not out.with_name(out.name + ".partial").exists()
+    assert len(SourceBank.open(out / HEADER_FILE)) == N  # the header file names the bank too
 
 
 def test_hist_rows_equal_naive_loop(built):

@@ -181,7 +181,8 @@ def prepare_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="udaseg prepare",
         description="Make a downloaded dataset ready (train-ID labels, RCS statistics, DSEC event "
-        "index), then count images/labels per split and list every problem. Idempotent.",
+        "index), then count images/labels per split and list every problem. Idempotent. "
+        "CDDA's source bank: `udaseg prepare cdda-bank --help`.",
     )
     p.add_argument("dataset", choices=list(PREPARATIONS), help="dataset name")
     p.add_argument("root", help="the dataset root, as extracted from the archives")

@@ -21,6 +21,9 @@ Every step is idempotent and interruption-safe: converted labels, index files an
 are written to a temporary file and renamed, and a re-run skips what is complete. The check
 (:mod:`udaseg.data.check`) then counts images and labels per split and lists every problem.
 ``--check`` runs the check only and writes nothing.
+
+``udaseg prepare cdda-bank --config TRAIN.yaml --out BANK`` (:func:`prepare_cdda_bank`) builds
+CDDA's source bank (:mod:`udaseg.data.cdda_bank`) from a training config instead of a dataset.
 """
 
 from __future__ import annotations
