@@ -133,7 +133,8 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
                 continue
             xs = list(values.values())
             mean = sum(xs) / len(xs)
-            std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+            var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+            std = math.sqrt(var)
             result.setdefault(split, {})[metric] = {"mean": mean, "std": std, "n": len(xs),
                                                     "values": values}
     return result
