@@ -46,6 +46,7 @@ METHODS: dict[str, str] = {
     "refign": "udaseg.adapt.methods.refign:build",
     "dsrnss": "udaseg.adapt.methods.dsrnss:build",
     "icda": "udaseg.adapt.methods.icda:build",
+    "cdda": "udaseg.adapt.methods.cdda:build",
 }
 
 

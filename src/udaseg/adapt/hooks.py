@@ -112,6 +112,12 @@ class StepContext:
     ``fused_scale`` multiplies the fused term alone (mmseg's per-key loss scaling under HRDA)."""
     strong_aug: Any = None
     """The loop's :class:`~udaseg.adapt.mixing.StrongAugConfig` (for views augmented alike)."""
+    pseudo_threshold: float | None = None
+    """The loop's pseudo-label confidence threshold tau (a pixel is confident when its max class
+    score is >= tau), for refiners that treat confident pixels apart (CDDA)."""
+    state: dict[str, Any] = field(default_factory=dict)
+    """Per-iteration values that one method's hooks hand to each other (e.g. CDDA's refiner to
+    its mixer and guidance loss), keyed by method name; empty at the start of every step."""
 
     @property
     def device(self) -> torch.device:

@@ -193,6 +193,7 @@ class SelfTraining(nn.Module):
         from .teacher import teacher_forward_mode
 
         cfg = self.cfg
+        ctx.pseudo_threshold = cfg.pseudo_threshold
         for transform in self.target_transforms:
             target = transform(ctx, target)
         ctx.target = target
