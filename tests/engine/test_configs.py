@@ -35,6 +35,11 @@ COMPOSITIONS = {
     "cs2dz/dsrnss_daformer": _paper("cs2dz", "dsrnss_daformer"),
     "synthnight/dsrnss": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
                           "configs/synthnight/dsrnss.yaml"],
+    **{f"{b}/cdda_daformer": _paper(b, "daformer", "cdda_daformer") for b in ("gta2cs", "synthia2cs")},
+    **{f"{b}/cdda_hrda": _paper(b, "hrda", "cdda_hrda") for b in ("gta2cs", "synthia2cs")},
+    **{f"{b}/cdda_mic": _paper(b, "hrda", "mic", "cdda_mic") for b in ("gta2cs", "synthia2cs")},
+    "synthnight/cdda": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
+                        "configs/synthnight/cdda.yaml"],
     "predict/dark_zurich_test": [*_paper("cs2dz", "daformer"), "configs/predict/dark_zurich_test.yaml"],
     "predict/acdc_test": [*_paper("cs2acdc", "daformer"), "configs/predict/acdc_test.yaml"],
     "synthnight/source_only": ["configs/synthnight/source_only.yaml"],
@@ -190,6 +195,33 @@ def test_config_instantiates(name, tmp_path):
         assert type(algo.mixer).__name__ == "RelationAwareClassMix" and hooks == {"fpa"}
         assert len(algo.mixed_transforms) == 1 and algo.cfg.target_loss_weight == 1.0
         assert algo.aux_losses[0].cfg.fpa_start_step == 145
+    if method.startswith("cdda") and bench in BENCHMARKS:
+        # cdda spec 6 / 10: thresholds per benchmark and method, seeds 0 / 1 / 2, depth views,
+        # FD (and MIC) kept, the refiner + source-replacing mixer + guidance loss
+        base = method.removeprefix("cdda_")
+        gta = bench == "gta2cs"
+        core = algo.refiners[0]
+        assert [type(r).__name__ for r in algo.refiners] == ["CDDARefiner"]
+        assert type(algo.mixer).__name__ == "CDDASourceReplacement" and algo.mixer.core is core
+        assert hooks == ({"fd", "mic", "cdda_guide"} if base == "mic" else {"fd", "cdda_guide"})
+        want = {("gta2cs", "daformer"): (0.56, 0.54, 0.0025), ("synthia2cs", "daformer"): (0.49, 0.47, 0.001)}
+        cfg = core.cfg
+        assert (cfg.tau_rw, cfg.tau_rl, cfg.delta) == want.get(
+            (bench, base), (0.56, 0.54, 0.003) if gta else (0.49, 0.47, 0.002))
+        assert (cfg.schedule_start, cfg.schedule_every, cfg.schedule_count) == (10000, 1000, 30)
+        assert cfg.reweight_mask == "class" and cfg.guidance_gate == "any"
+        assert cfg.negative_mass == "clamp" and cfg.guidance_hard_term
+        assert cfg.bank == f"data/cdda_banks/{'gta' if gta else 'synthia'}_{base}"
+        seed = {"daformer": 0, "hrda": 1, "mic": 2}[base]
+        assert cli.config.seed_everything == seed and dm.seed == seed
+        assert dm.target_spec.views == ["depth"] and dm.source_spec.views == ["depth"]
+        assert (type(module.model).__name__ == "HRDASegmentor") == (base != "daformer")
+        assert algo.cfg.pseudo_weight_ignore_bottom == (120 if base == "daformer" else 0)
+    if name == "synthnight/cdda":
+        cfg = algo.refiners[0].cfg
+        assert (cfg.schedule_start, cfg.schedule_every, cfg.schedule_count) == (150, 15, 30)
+        assert hooks == {"cdda_guide"} and dm.target_spec.views == ["depth"]
+        assert cfg.bank == "data/synthnight/cdda_bank"
     if method == "ciss_zero_shot":
         # the zero-shot splits replace the training config's validation splits
         splits = {name: (spec.name, spec.split) for name, spec in dm.val_specs.items()}
