@@ -1,5 +1,9 @@
 """CDDA: class-wise depth-distribution similarity to an offline source bank, on DACS.
 
+Paper: the CDDA paper of uda-semantic-segmentation/CDDA (2025; no arXiv version is known, the
+release's README gives no citation). It plugs into DACS self-training ("DACS: Domain Adaptation
+via Cross-domain Mixed Sampling", Tranheden et al., WACV 2021, arXiv 2007.08702) as used by
+DAFormer (arXiv 2111.14887), HRDA and MIC (arXiv 2212.01322).
 Reference: uda-semantic-segmentation/CDDA (Apache-2.0; a fork of lhoyer/MIC),
 ``mmseg/models/uda/depthMetric.py`` and ``dacs.py``; re-implemented from
 ``shared/spec/cdda_spec.md`` part 1. No code copied. The bank (N source crops drawn like
