@@ -13,7 +13,21 @@ from udaseg.engine.module import UDAModule
 from udaseg.engine.optim import OptimConfig
 
 
-def make(cs, dz, num_workers=0, refign=False, dsrnss=False, icda=False):
+def cdda_bank(monkeypatch, size=32, n=5):
+    """An in-memory CDDA bank of ``size``-pixel crops, served for any bank path."""
+    from udaseg.adapt.methods import cdda
+    from udaseg.data.cdda_bank import SourceBank, class_depth_histogram
+
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 19, (n, size, size), generator=g)
+    depth = torch.randint(0, 256, (n, size, size), generator=g).float()
+    bank = SourceBank.from_arrays(class_depth_histogram(labels, depth),
+                                  torch.randn(n, 3, size, size, generator=g), labels)
+    monkeypatch.setattr(cdda, "open_bank", lambda *a, **k: bank)
+    return bank
+
+
+def make(cs, dz, num_workers=0, refign=False, dsrnss=False, icda=False, cdda=False):
     pipe = PipelineConfig(scale=(64, 32), crop_size=(32, 32))
     target = DatasetSpec("cityscapes", str(cs), "train", labels=False)
     source = DatasetSpec("cityscapes", str(cs), "train")
@@ -26,6 +40,9 @@ def make(cs, dz, num_workers=0, refign=False, dsrnss=False, icda=False):
     if refign:  # night images with day references; adapt_to_ref draws from Python's random
         target = DatasetSpec("dark_zurich", str(dz), "val", labels=False, views=["ref"])
         methods["refign"] = {"aligner": "identity", "adapt_to_ref": True}
+    if cdda:  # depth with the target; every gate open: bank crops replace sources, guidance runs
+        target = DatasetSpec("dark_zurich", str(dz), "val", labels=False, views=["depth"])
+        methods["cdda"] = {"bank": "in-memory", "tau_rw": -1.0, "tau_rl": -1.0}
     if dsrnss:  # on Refign: per-image ClassMix draws, the long-tail bank (pasted at step 5 from
         # steps 3, 4, 5: two of them banked before the checkpoint) and FPA from step 2
         methods["dsrnss"] = {"fpa_start_step": 2}
@@ -111,26 +128,31 @@ def _weights(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("workers, refign, dsrnss, icda",
-                         [(0, False, False, False), (2, False, False, False),
-                          (0, True, False, False), (0, True, True, False), (0, False, False, True)])
-def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, workers, refign, dsrnss,
-                             icda):
+@pytest.mark.parametrize("workers, refign, dsrnss, icda, cdda",
+                         [(0, False, False, False, False), (2, False, False, False, False),
+                          (0, True, False, False, False), (0, True, True, False, False),
+                          (0, False, False, True, False), (0, False, False, False, True)])
+def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, monkeypatch, workers,
+                             refign, dsrnss, icda, cdda):
     """4 + 3 iterations in one go == 4 iterations, checkpoint, resume for 3 (student, teacher,
     FD's frozen copy): RCS draws, crops, ClassMix and augmentation included, with and without
     loader workers (the data stream has no per-worker state); with Refign (references, the
     adapt_to_ref coin, the stochastic teacher); with DSRNSS on Refign (its long-tail bank is
     in the checkpoint and is compared like the weights); with ICDA (the DAR of student and
-    teacher and the class prototypes are in the checkpoint and compared like the weights)."""
+    teacher and the class prototypes are in the checkpoint and compared like the weights); with
+    CDDA (bank crops replace the ClassMix sources, the guidance pass runs; its gate counters are
+    in the checkpoint and compared like the weights)."""
+    if cdda:
+        cdda_bank(monkeypatch)
     torch.use_deterministic_algorithms(True)
     try:
         L.seed_everything(0)
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss, icda)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss, icda, cdda)
         trainer(tmp_path / "a", 7).fit(module, datamodule=dm)
         straight = _weights(module)
 
         L.seed_everything(0)
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss, icda)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss, icda, cdda)
         t = trainer(tmp_path / "b", 7, callbacks=[StopAt(4)])  # the same 7-step schedule, cut at 4
         t.fit(module, datamodule=dm)
         assert t.global_step == 4
@@ -138,7 +160,7 @@ def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, worker
         t.save_checkpoint(ckpt)
 
         L.seed_everything(123)  # a different seed at start-up must not matter
-        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss, icda)
+        module, dm = make(tiny_cityscapes, tiny_dark_zurich, workers, refign, dsrnss, icda, cdda)
         trainer(tmp_path / "c", 7).fit(module, datamodule=dm, ckpt_path=ckpt)
         resumed = _weights(module)
     finally:
@@ -153,5 +175,11 @@ def test_resume_is_bit_exact(tiny_cityscapes, tiny_dark_zurich, tmp_path, worker
         assert len(protos) == 1 and straight[protos[0]].abs().sum() > 0
         assert any(k.startswith("model.train_only.dar.") for k in straight)
         assert any(k.startswith("algorithm.teacher.model.train_only.dar.") for k in straight)
+    if cdda:  # 7 steps x 2 crops, every gate open
+        names = ("rw_open", "rl_open", "guide_steps", "crops", "steps")
+        counts = {k.rsplit(".", 1)[1]: int(v) for k, v in straight.items()
+                  if ".hook_modules." in k and k.rsplit(".", 1)[1] in names}
+        assert counts == {"rw_open": 14, "rl_open": 14, "guide_steps": counts["guide_steps"],
+                          "crops": 14, "steps": 7}
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
