@@ -276,10 +276,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     for run in cfg.runs:
         steps = run_steps(cfg, run, init is not None)
         console.rule(f"run [bold]{run}[/bold]: {steps} iterations, batch {cfg.batch_size}")
+        t_run = time.perf_counter()
         module, dm, results, run_curves = train_and_evaluate(cfg, run, root, out, init)
         all_results[run] = results
         curves.update({f"{run}: {k} CE": c for k, c in run_curves.items()})
         write_overlays(cfg, module, dm, report, run)
+        console.print(f"run {run}: {time.perf_counter() - t_run:.0f} s (training, evaluation, overlays)")
 
     flat = {f"{run}/{split}": res for run, splits in all_results.items() for split, res in splits.items()}
     console.rule("per-class IoU (%)")
