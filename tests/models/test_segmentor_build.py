@@ -36,8 +36,8 @@ def test_build_segmentor_options():
 
 
 def test_build_segmentor_unknown_names():
-    with pytest.raises(ValueError, match="unknown backbone 'resnet50'.*mit_b5.*mit_tiny"):
-        build_segmentor("resnet50")
+    with pytest.raises(ValueError, match="unknown backbone 'resnet18'.*mit_b5.*mit_tiny"):
+        build_segmentor("resnet18")
     with pytest.raises(ValueError, match="unknown head 'uper'.*daformer, segformer"):
         build_segmentor("mit_tiny", "uper")
 

@@ -1,19 +1,26 @@
 """Encoder-decoder segmentor: a multi-level backbone followed by a decode head.
 
 ``SegOutput = EncoderDecoder(x)`` with ``features = backbone(x)`` (a list of L maps, finest first)
-and ``logits = decode_head(features)`` at the resolution of the finest level (stride 4 for MiT).
+and ``logits = decode_head(features)`` at the head's output resolution (the finest level, stride
+4, for the DAFormer/SegFormer heads; the last level, stride 8, for DeepLabV2 on the dilated ResNet).
 The attribute names ``backbone`` and ``decode_head`` match mmseg, so segmentor checkpoints keep
 their ``backbone.*`` / ``decode_head.*`` keys. Logits are *not* upsampled here: the loss and the
 inference code resize them to the label size (bilinear, ``align_corners=False``; spec 2.1).
 
-Backbone contract (MiT now, DINOv2 later): an ``nn.Module`` whose ``forward(x)`` returns
+Backbone contract (MiT, ResNet; DINOv2 later): an ``nn.Module`` whose ``forward(x)`` returns
 ``list[Tensor]`` of ``(B, C_i, H_i, W_i)`` maps and which exposes ``out_channels`` and
-``feature_info`` (``num_chs``, ``reduction`` per level); see :class:`FeatureBackbone`.
+``feature_info`` (``num_chs``, ``reduction`` = the true stride, per level); see
+:class:`FeatureBackbone`. Backbones and heads are looked up by name in :data:`BACKBONE_REGISTRY`
+(name -> :class:`BackboneEntry`: a builder and a strict local-weights loader) and
+:data:`HEAD_REGISTRY` (name -> builder from the backbone's ``out_channels``); a new model is one
+entry in each, nothing else here names a model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
@@ -21,13 +28,18 @@ from torch import Tensor, nn
 from udaseg.data.classes import NUM_CLASSES
 from udaseg.errors import ConfigError
 from udaseg.models.daformer_head import DAFormerHead
+from udaseg.models.deeplabv2_head import DLV2_DILATIONS, DLV2_RED_DILATIONS, DeepLabV2Head
 from udaseg.models.mit import MIT_VARIANTS, MixTransformer
 from udaseg.models.optim_groups import param_groups
+from udaseg.models.resnet import RESNET_VARIANTS, ResNet
 from udaseg.models.segformer_head import SegFormerHead
 
 __all__ = [
     "BACKBONES",
+    "BACKBONE_REGISTRY",
+    "BackboneEntry",
     "HEADS",
+    "HEAD_REGISTRY",
     "EncoderDecoder",
     "FeatureBackbone",
     "SegOutput",
@@ -39,9 +51,76 @@ __all__ = [
     "training_module",
 ]
 
-BACKBONES: tuple[str, ...] = tuple(MIT_VARIANTS)
+@dataclass(frozen=True)
+class BackboneEntry:
+    """How :func:`build_segmentor` makes one named backbone.
+
+    ``build(drop_path_rate)`` returns a :class:`FeatureBackbone` (CNNs ignore the rate);
+    ``load_weights(backbone, path)`` fills it from a local ImageNet checkpoint, strictly (every
+    backbone tensor from the file, only the classifier ignored), raising errors that name the
+    key and shapes.
+    """
+
+    build: Callable[[float], nn.Module]
+    load_weights: Callable[[nn.Module, str], object]
+
+
+def _load_mit(backbone: nn.Module, path: str) -> object:
+    from udaseg.models.weights import load_backbone_weights
+
+    return load_backbone_weights(backbone, path, strict=True)
+
+
+def _load_resnet(backbone: nn.Module, path: str) -> object:
+    from udaseg.models.resnet import load_resnet_weights
+
+    return load_resnet_weights(backbone, path, strict=True)  # type: ignore[arg-type]
+
+
+def _build_mit(variant: str, drop_path_rate: float) -> nn.Module:
+    return MixTransformer(variant, drop_path_rate=drop_path_rate)
+
+
+def _build_resnet(variant: str, drop_path_rate: float) -> nn.Module:
+    return ResNet(variant)
+
+
+BACKBONE_REGISTRY: dict[str, BackboneEntry] = {
+    **{v: BackboneEntry(partial(_build_mit, v), _load_mit) for v in MIT_VARIANTS},
+    **{v: BackboneEntry(partial(_build_resnet, v), _load_resnet) for v in RESNET_VARIANTS},
+}
+"""Backbone name -> :class:`BackboneEntry`: MiT-B0..B5 (+ ``mit_tiny``) and the ResNets of
+:data:`udaseg.models.resnet.RESNET_VARIANTS` (``resnet101_v1c``, ``resnet101_v1c_refign``,
+``resnet101``, ``resnet50_v1c``, ``resnet50``, ``resnet_tiny``)."""
+
+
+def _build_daformer(in_channels: Sequence[int], num_classes: int, width: int | None) -> nn.Module:
+    width = 256 if width is None else width
+    return DAFormerHead(in_channels, num_classes=num_classes, channels=width, embed_dim=width)
+
+
+def _build_segformer(in_channels: Sequence[int], num_classes: int, width: int | None) -> nn.Module:
+    width = 768 if width is None else width
+    return SegFormerHead(in_channels, num_classes=num_classes, embed_dim=width)
+
+
+def _build_deeplabv2(
+    dilations: Sequence[int], in_channels: Sequence[int], num_classes: int, width: int | None
+) -> nn.Module:
+    return DeepLabV2Head(in_channels, num_classes=num_classes, dilations=dilations)  # no width
+
+
+HEAD_REGISTRY: dict[str, Callable[[Sequence[int], int, int | None], nn.Module]] = {
+    "daformer": _build_daformer,
+    "segformer": _build_segformer,
+    "deeplabv2": partial(_build_deeplabv2, DLV2_DILATIONS),
+    "deeplabv2_red": partial(_build_deeplabv2, DLV2_RED_DILATIONS),
+}
+"""Head name -> ``builder(backbone.out_channels, num_classes, head_channels)``."""
+
+BACKBONES: tuple[str, ...] = tuple(BACKBONE_REGISTRY)
 """Backbone names accepted by :func:`build_segmentor`."""
-HEADS: tuple[str, ...] = ("daformer", "segformer")
+HEADS: tuple[str, ...] = tuple(HEAD_REGISTRY)
 """Decode-head names accepted by :func:`build_segmentor`."""
 
 
@@ -60,7 +139,8 @@ class SegOutput:
     """Output of a segmentor forward pass.
 
     Attributes:
-        logits: ``(B, K, H/4, W/4)`` class scores at the finest feature level (not upsampled).
+        logits: ``(B, K, H/4, W/4)`` class scores at the head's output level (not upsampled;
+            ``H/8`` for the DeepLabV2 head).
         features: the backbone levels ``[(B, C_i, H_i, W_i)]``, finest first (used e.g. by the
             ImageNet feature distance).
         detail_logits: multi-resolution segmentors (HRDA) only: ``(B, K, h_d, w_d)`` logits of the
@@ -115,18 +195,24 @@ def build_segmentor(
     head_channels: int | None = None,
     pretrained: str | None = None,
 ) -> EncoderDecoder:
-    """Build a MiT + DAFormer/SegFormer segmentor.
+    """Build a backbone + decode-head segmentor (MiT + DAFormer/SegFormer, ResNet + DeepLabV2, ...).
 
     Args:
-        backbone: one of :data:`BACKBONES` (``mit_b0`` .. ``mit_b5``, ``mit_tiny``).
-        head: ``"daformer"`` (separable-ASPP fusion, C_e = channels = 256) or ``"segformer"``
-            (all-MLP, embed_dim 768).
+        backbone: one of :data:`BACKBONES` (``mit_b0`` .. ``mit_b5``, ``mit_tiny``,
+            ``resnet101_v1c``, ``resnet101_v1c_refign``, ``resnet101``, ``resnet50_v1c``,
+            ``resnet50``, ``resnet_tiny``).
+        head: one of :data:`HEADS`: ``"daformer"`` (separable-ASPP fusion, C_e = channels = 256),
+            ``"segformer"`` (all-MLP, embed_dim 768), ``"deeplabv2"`` (summed dilated 3x3 convs,
+            6/12/18/24, on the last level) or ``"deeplabv2_red"`` (the same with 6/12 only,
+            DAFormer's DeepLabV2 rows).
         num_classes: K.
-        drop_path_rate: stochastic-depth rate of the last backbone block.
+        drop_path_rate: stochastic-depth rate of the last backbone block (MiT; CNNs ignore it).
         head_channels: overrides the head width: ``channels`` and ``embed_dim`` of the DAFormer
-            head, ``embed_dim`` of the SegFormer head. None keeps the paper values.
-        pretrained: optional local path of a MiT ImageNet checkpoint (NVlabs ``mit_b*.pth`` or
-            HF ``nvidia/mit-b*`` layout, detected automatically). Loading is strict: every backbone
+            head, ``embed_dim`` of the SegFormer head (the DeepLabV2 head has no width). None
+            keeps the paper values.
+        pretrained: optional local path of an ImageNet checkpoint of the backbone (MiT: NVlabs
+            ``mit_b*.pth`` or HF ``nvidia/mit-b*``; ResNet: open-mmlab ``resnet*_v1c`` or
+            torchvision ``resnet*``; the layout is detected). Loading is strict: every backbone
             tensor must be in the file; only the classifier is ignored.
 
     Raises:
@@ -134,27 +220,20 @@ def build_segmentor(
             checkpoint that does not fit the backbone.
         FileNotFoundError: ``pretrained`` does not exist.
     """
-    if backbone not in BACKBONES:
+    if backbone not in BACKBONE_REGISTRY:
         raise ConfigError(
             f"build_segmentor: unknown backbone {backbone!r}; "
-            f"valid backbones: {', '.join(BACKBONES)}"
+            f"valid backbones: {', '.join(BACKBONE_REGISTRY)}"
         )
-    if head not in HEADS:
-        raise ConfigError(f"build_segmentor: unknown head {head!r}; valid heads: {', '.join(HEADS)}")
-    encoder = MixTransformer(backbone, drop_path_rate=drop_path_rate)
+    if head not in HEAD_REGISTRY:
+        raise ConfigError(
+            f"build_segmentor: unknown head {head!r}; valid heads: {', '.join(HEAD_REGISTRY)}"
+        )
+    entry = BACKBONE_REGISTRY[backbone]
+    encoder = entry.build(drop_path_rate)
     if pretrained is not None:
-        from udaseg.models.weights import load_backbone_weights
-
-        load_backbone_weights(encoder, pretrained, strict=True)
-    decode_head: nn.Module
-    if head == "daformer":
-        width = 256 if head_channels is None else head_channels
-        decode_head = DAFormerHead(
-            encoder.out_channels, num_classes=num_classes, channels=width, embed_dim=width
-        )
-    else:
-        width = 768 if head_channels is None else head_channels
-        decode_head = SegFormerHead(encoder.out_channels, num_classes=num_classes, embed_dim=width)
+        entry.load_weights(encoder, pretrained)
+    decode_head = HEAD_REGISTRY[head](tuple(encoder.out_channels), num_classes, head_channels)
     return EncoderDecoder(encoder, decode_head)
 
 
