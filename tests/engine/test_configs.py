@@ -14,6 +14,13 @@ def _paper(bench: str, *names: str) -> list[str]:
     return base + [f"configs/benchmarks/{bench}/{n}.yaml" for n in names]
 
 
+def _dlv2(bench: str, *names: str) -> list[str]:
+    """The same composition with the ResNet-101 + DeepLabV2 model base."""
+    files = _paper(bench, *names)
+    files[1] = "configs/base/model_r101_deeplabv2.yaml"
+    return files
+
+
 COMPOSITIONS = {
     **{f"{b}/source_only": _paper(b, "source_only") for b in BENCHMARKS},
     **{f"{b}/daformer": _paper(b, "daformer") for b in BENCHMARKS},
@@ -52,6 +59,11 @@ COMPOSITIONS = {
                        "configs/synthnight/hrda.yaml", "configs/synthnight/mic.yaml"],
     "synthnight/ciss": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
                         "configs/synthnight/hrda.yaml", "configs/synthnight/ciss.yaml"],
+    "gta2cs/daformer_deeplabv2": _dlv2("gta2cs", "daformer_deeplabv2"),
+    **{f"{b}/refign_deeplabv2": _dlv2(b, "refign_deeplabv2") for b in ("cs2acdc", "cs2dz")},
+    **{f"{b}/dsrnss_deeplabv2": _dlv2(b, "dsrnss_deeplabv2") for b in ("cs2acdc", "cs2dz")},
+    "synthnight/deeplabv2": ["configs/synthnight/source_only.yaml", "configs/synthnight/dacs.yaml",
+                             "configs/synthnight/deeplabv2.yaml"],
 }
 
 
@@ -84,7 +96,9 @@ def instantiate(files, tmp_path=None):
             path = tmp_path / path.name
             path.write_text(text)
         args += ["--config", str(path)]
-    args += ["--model.backbone", "mit_tiny", "--model.pretrained", "null", "--model.head_channels", "32"]
+    # shrink the backbone, keeping its family (the DeepLabV2 configs get the tiny ResNet)
+    tiny = "resnet_tiny" if any("deeplabv2" in f for f in files) else "mit_tiny"
+    args += ["--model.backbone", tiny, "--model.pretrained", "null", "--model.head_channels", "32"]
     return LightningCLI(UDAModule, UDADataModule, args=args, run=False)
 
 
@@ -173,8 +187,10 @@ def test_config_instantiates(name, tmp_path):
         fpa = next(h for h in algo.aux_losses if h.name == "fpa")
         assert fpa.cfg.fpa_start_step == (9664 if dz else 1600) and fpa.retain_source_graph
         assert fpa.cfg.fpa_class_weights is None and fpa.cfg.fpa_align_factor is None
-        assert algo.refiners[0].cfg.adapt_to_ref == (not dz)
-        assert bool(algo.target_transforms) == (not dz)
+        # the Dark Zurich DeepLabV2 config is the exception that keeps adapt_to_ref (spec 3.4)
+        to_ref = not dz or method == "dsrnss_deeplabv2"
+        assert algo.refiners[0].cfg.adapt_to_ref == to_ref
+        assert bool(algo.target_transforms) == to_ref
         hrda = method == "dsrnss_hrda"
         assert algo.cfg.target_loss_weight == (0.8 if hrda else 1.0)
         assert (type(module.model).__name__ == "HRDASegmentor") == hrda
@@ -239,5 +255,29 @@ def test_config_instantiates(name, tmp_path):
         assert len(writers) == 1 and writers[0].fmt == fmt
     if name == "synthnight/mic":
         assert hooks == {"mic"} and type(module.model).__name__ == "HRDASegmentor"
+    if "deeplabv2" in method:
+        # ResNet-101 v1c + DeepLabV2 (refign spec 1.3): the shipped backbone name is shrunk above,
+        # so check what the files ask for; DAFormer's rows use the 6/12 head and mmseg's
+        # contracted dilation, Refign/DSRNSS the full ASPP and no contraction
+        import yaml
+
+        cfgs = [yaml.safe_load((REPO / f).read_text()) or {} for f in COMPOSITIONS[name]]
+        model_cfg: dict = {}
+        for c in cfgs:
+            model_cfg.update(c.get("model") or {})
+        head = type(module.model.decode_head).__name__
+        assert head == "DeepLabV2Head" and type(module.model.backbone).__name__ == "ResNet"
+        if bench in BENCHMARKS:
+            daformer = method == "daformer_deeplabv2"
+            want = "resnet101_v1c" if daformer else "resnet101_v1c_refign"
+            assert model_cfg["backbone"] == want
+            assert model_cfg["pretrained"] == "pretrained/resnet101_v1c-e67eebb6.pth"
+            assert module.model.decode_head.dilations == ((6, 12) if daformer else (6, 12, 18, 24))
+            assert module.optim_cfg.lr == 6e-5 and module.optim_cfg.head_lr_mult == 10.0
+            if daformer:
+                assert hooks == {"fd"} and algo.cfg.pseudo_weight_ignore_bottom == 120
+                assert dm.rcs.min_crop_ratio == 0.5 and module.optim_cfg.no_decay == "norm"
+        else:
+            assert model_cfg["backbone"] == "resnet_tiny" and not hooks
     if name == "synthnight/dacs":
         assert algo.cfg.alpha == 0.999 and dm.target_spec.labels is False
