@@ -13,14 +13,17 @@ from udaseg.errors import CheckpointError, ConfigError
 from udaseg.models.dinov2 import (
     DINOV2_VARIANTS,
     DINOv2,
+    DINOv2Backbone,
     DINOv2Config,
     SimpleFeaturePyramid,
+    apply_token_policy,
     detect_dinov2_layout,
     dinov2_layer_id,
     guess_dinov2_variant,
     interpolate_pos_embed,
     layer_decay_groups,
     load_dinov2_weights,
+    policy_input_size,
     pyramid_sizes,
     remap_hf_dinov2,
     remap_official_dinov2,
@@ -363,3 +366,88 @@ def test_simple_pyramid_strides(crop, vit_in):
             assert neck.out_channels == tuple(want_c)
             for o, s in zip(outs, (4, 8, 16, 32), strict=True):
                 assert o.shape[-2] == math.ceil(crop[0] / s) or s > 4  # rounded as MiT
+
+
+def test_hf_on_disk_names_load_in_transformers(tmp_path: Path):
+    """Our ``"hf"`` names are what transformers' own loader reads from a ``facebook/dinov2-*``
+    folder: nothing missing or unexpected, and the same outputs."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    for reg in (0, 4):
+        cfg = tiny(reg=reg, interp_mode="size_aa" if reg else "size")
+        ours = DINOv2(cfg).eval()
+        load_dinov2_weights(ours, synthetic(official_shapes(D, DEPTH, reg), seed=reg))
+        folder = tmp_path / f"reg{reg}"
+        folder.mkdir()
+        hf_sd = {k: v.contiguous() for k, v in to_hf_dinov2(ours.state_dict(), "hf").items()}
+        save_file(hf_sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        kw = dict(hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                  image_size=14 * GRID, patch_size=14)
+        if reg:
+            hf_cfg = transformers.Dinov2WithRegistersConfig(num_register_tokens=reg, **kw)
+            cls = transformers.Dinov2WithRegistersModel
+        else:
+            hf_cfg = transformers.Dinov2Config(**kw)
+            cls = transformers.Dinov2Model
+        hf_cfg.save_pretrained(folder)
+        hf, info = cls.from_pretrained(folder, output_loading_info=True)
+        assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+        x = torch.randn(1, 3, 84, 56)
+        with torch.no_grad():
+            diff = (hf.eval()(pixel_values=x).last_hidden_state - ours.final_tokens(x)).abs().max()
+        assert diff < 1e-5
+
+
+def test_bf16_autocast_forward():
+    model = DINOv2(tiny(reg=4)).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = model(torch.randn(1, 3, 56, 70))
+    # the residual stream is fp32, as in the reference: fp32 LayerScale gammas promote the bf16
+    # branch outputs (official ``x * gamma``, HF ``hidden_state * lambda1``)
+    assert maps[0].shape == (1, D, 4, 5) and torch.isfinite(maps[0]).all()
+
+
+# -- token policies and the segmentation backbone ---------------------------------------------
+
+def test_policy_sizes_spec_table():
+    """Spec 5.5: 512 -> 560 / 518 / 448 and 1024 -> 1120 / 1036 / 896."""
+    for policy, small, large in (("x1.09", 560, 1120), ("pad14", 518, 1036), ("token16", 448, 896)):
+        assert policy_input_size(512, 1024, policy) == (small, large)
+    x = torch.randn(1, 3, 20, 30)
+    assert apply_token_policy(x, "pad14").shape[-2:] == (28, 42)
+    assert torch.equal(apply_token_policy(x, "pad14")[..., :20, :30], x)
+    assert apply_token_policy(x, "token16").shape[-2:] == (28, 28)
+    with pytest.raises(ConfigError, match="token policy"):
+        policy_input_size(512, 512, "x2")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("policy", ["x1.09", "pad14", "token16"])
+@pytest.mark.parametrize("crop", [(64, 64), (64, 128), (50, 70)])
+def test_backbone_contract(policy, crop):
+    from udaseg.models.daformer_head import DAFormerHead
+
+    cfg = DINOv2Config(16, 4, 2, pretrain_grid=GRID, out_indices=(0, 1, 2, 3))
+    torch.manual_seed(0)
+    backbone = DINOv2Backbone(cfg, token_policy=policy, out_channels=(8, 8, 16, 16)).eval()
+    assert [f["reduction"] for f in backbone.feature_info] == [4, 8, 16, 32]
+    with torch.no_grad():
+        feats = backbone(torch.randn(2, 3, *crop))
+        head = DAFormerHead(backbone.out_channels, num_classes=5, channels=8, embed_dim=8)
+        logits = head.eval()(feats)
+    assert [tuple(f.shape) for f in feats] == [
+        (2, c, *hw) for c, hw in zip((8, 8, 16, 16), pyramid_sizes(*crop), strict=True)
+    ]
+    assert logits.shape == (2, 5, *pyramid_sizes(*crop)[0])
+
+
+def test_backbone_options_and_grads():
+    cfg = DINOv2Config(16, 2, 2, pretrain_grid=GRID, out_indices=(1,))
+    with pytest.raises(ConfigError, match="needs 4 out_indices"):
+        DINOv2Backbone(cfg)
+    backbone = DINOv2Backbone(cfg, pyramid_input="last", neck_norm="bn").train()
+    assert backbone.out_channels == (16,) * 4
+    sum(f.mean() for f in backbone(torch.randn(2, 3, 32, 32))).backward()
+    no_grad = [n for n, p in backbone.named_parameters() if p.grad is None]
+    assert no_grad == ["vit.norm.weight", "vit.norm.bias"]
+    assert dinov2_layer_id("backbone.vit.blocks.1.mlp.fc1.weight", 2, "backbone.vit.") == 2

@@ -43,14 +43,18 @@ Outputs: ``forward(x)`` returns one ``(B, D, H/14, W/14)`` map per index in ``ou
 when ``norm_taps`` (VFM-UDA++ reads un-normalised taps: default False). :func:`dinov2_layer_id`
 gives the layer-wise lr-decay id of each parameter name.
 
-How it plugs into the segmentors (next step, ``models/segmentor.py``; spec 5.5-5.6): a backbone
-wrapper (1) applies the config's token policy to the crop (``"x1.09"``: resize to
-``floor(1.1 S / 14) * 14``, ``"pad14"``: pad to a multiple of 14, ``"token16"``: resize by 14/16 so
-the grid is S/16), (2) runs :class:`DINOv2` for the 4 taps, (3) turns them into 4 levels at
-exactly S/4, S/8, S/16, S/32 of the crop with :class:`SimpleFeaturePyramid`, and exposes
-``out_channels`` / ``feature_info`` like MiT, so DAFormer/SegFormer heads, HRDA (512 crops),
-MIC (pixel masking before the call; the ``mask_token`` is never used) and slide inference need no
-change. Layer-wise lr decay becomes an optimiser option using :func:`dinov2_layer_id`.
+How it plugs into the segmentors (spec 5.5-5.6): :class:`DINOv2Backbone` is the piece
+``build_segmentor`` will construct for ``backbone: dinov2_*``. It (1) applies the config's token
+policy to the crop (:func:`apply_token_policy`: ``"x1.09"`` resizes to ``floor(1.1 S / 14) * 14``,
+``"pad14"`` pads to a multiple of 14, ``"token16"`` resizes so the grid is S/16), (2) runs
+:class:`DINOv2` for the 4 taps, (3) turns them into 4 levels at exactly the MiT sizes S/4, S/8,
+S/16, S/32 of the crop with :class:`SimpleFeaturePyramid`, and exposes ``out_channels`` /
+``feature_info`` like MiT, so DAFormer/SegFormer heads, HRDA (512 crops), MIC (pixel masking
+before the call; the ``mask_token`` is never used), FD and slide inference need no change. Still to
+do in ``models/segmentor.py`` and the engine: the registry entry and config fields (variant,
+token policy, neck widths, weights path -> ``load_dinov2_weights(backbone.vit, path)``), and
+layer-wise lr decay as an optimiser option from :func:`dinov2_layer_id` /
+:func:`layer_decay_groups` (prefix ``"backbone.vit."``).
 
 Differences from the reference:
 
@@ -83,15 +87,21 @@ from udaseg.models.layers import DropPath, memory_format_of
 __all__ = [
     "DINOV2_VARIANTS",
     "DINOv2",
+    "DINOv2Backbone",
     "DINOv2Config",
     "InterpMode",
+    "TOKEN_POLICIES",
     "SimpleFeaturePyramid",
+    "apply_token_policy",
     "detect_dinov2_layout",
     "dinov2_config",
     "dinov2_layer_id",
     "guess_dinov2_variant",
     "interpolate_pos_embed",
+    "layer_decay_groups",
     "load_dinov2_weights",
+    "policy_input_size",
+    "pyramid_sizes",
     "remap_hf_dinov2",
     "remap_official_dinov2",
     "to_hf_dinov2",
@@ -950,3 +960,123 @@ class SimpleFeaturePyramid(nn.Module):
                 y = self.proj[i](y)
             outs.append(y)
         return outs
+
+
+# -- token policy and the segmentation backbone ----------------------------------------------------
+
+TokenPolicy = Literal["x1.09", "pad14", "token16"]
+TOKEN_POLICIES: tuple[str, ...] = ("x1.09", "pad14", "token16")
+
+
+def policy_input_size(h: int, w: int, policy: TokenPolicy, patch: int = 14) -> tuple[int, int]:
+    """ViT input size for a ``h x w`` crop under a token policy (spec 5.5).
+
+    ``"x1.09"``: ``floor(1.1 S / p) * p`` per side (VFM-UDA/++: 512 -> 560, 1024 -> 1120);
+    ``"pad14"``: ``ceil(S / p) * p`` (512 -> 518, 1024 -> 1036); ``"token16"``: ``ceil(S / 16) * p``
+    (512 -> 448, 1024 -> 896: one token per 16x16 crop pixels).
+    """
+    def side(s: int) -> int:
+        if policy == "x1.09":
+            return max(1, math.floor(1.1 * s / patch)) * patch
+        if policy == "pad14":
+            return math.ceil(s / patch) * patch
+        if policy == "token16":
+            return math.ceil(s / 16) * patch
+        raise ConfigError(
+            f"unknown token policy {policy!r}; use one of {', '.join(TOKEN_POLICIES)}"
+        )
+
+    return side(h), side(w)
+
+
+def apply_token_policy(x: Tensor, policy: TokenPolicy, patch: int = 14) -> Tensor:
+    """Crop ``(B, C, H, W)`` -> ViT input: bilinear resize (``align_corners=False``, no antialias)
+    for ``x1.09`` / ``token16``, zero padding at the bottom and right for ``pad14`` (zero is the
+    mean colour after normalisation). Returns ``x`` itself when the size already fits."""
+    h, w = x.shape[-2:]
+    size = policy_input_size(h, w, policy, patch)
+    if size == (h, w):
+        return x
+    if policy == "pad14":
+        return nn.functional.pad(x, (0, size[1] - w, 0, size[0] - h))
+    return nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class DINOv2Backbone(nn.Module):
+    """DINOv2 + token policy + simple feature pyramid behind the udaseg backbone contract.
+
+    ``forward(x)`` maps a crop ``(B, 3, H, W)`` (any size) to 4 levels at
+    :func:`pyramid_sizes` ``(H, W)`` (strides 4, 8, 16, 32, rounded up as MiT's), with widths
+    ``out_channels``; ``feature_info`` carries ``num_chs`` / ``reduction`` per level like MiT's,
+    so the DAFormer / SegFormer heads, HRDA and slide inference take it unchanged.
+
+    Args:
+        variant: DINOv2 variant (:data:`DINOV2_VARIANTS`) or config.
+        token_policy: ``"x1.09"``, ``"pad14"`` or ``"token16"`` (:func:`policy_input_size`).
+        out_channels: 4 level widths (a 1x1 projection each, e.g. ``(64, 128, 320, 512)`` for MiT
+            head configs) or None for ``(D, D, D, D)``.
+        neck_norm: ``"ln"`` or ``"bn"`` in the x4 branch of the pyramid.
+        pyramid_input: ``"taps"`` (level i from tap i, needs 4 ``out_indices``; mmseg BEiT) or
+            ``"last"`` (every level from the last tap; ViTDet).
+        **vit_overrides: DINOv2 config fields (``out_indices``, ``norm_taps``, ``interp_mode``,
+            ``drop_path`` ...).
+
+    Submodules: ``vit`` (:class:`DINOv2`; load weights with ``load_dinov2_weights(b.vit, path)``,
+    LLRD prefix ``"backbone.vit."`` inside a segmentor) and ``neck``. Under ``pad14`` the levels
+    are computed for the padded extent and cropped to the crop's sizes.
+    """
+
+    def __init__(
+        self,
+        variant: str | DINOv2Config = "dinov2_b",
+        token_policy: TokenPolicy = "token16",
+        out_channels: Sequence[int] | None = None,
+        neck_norm: Literal["ln", "bn"] = "ln",
+        pyramid_input: Literal["taps", "last"] = "taps",
+        **vit_overrides: object,
+    ) -> None:
+        super().__init__()
+        if token_policy not in TOKEN_POLICIES:
+            raise ConfigError(
+                f"DINOv2Backbone: token_policy must be one of {', '.join(TOKEN_POLICIES)}, "
+                f"got {token_policy!r}"
+            )
+        if pyramid_input not in ("taps", "last"):
+            raise ConfigError(
+                f"DINOv2Backbone: pyramid_input must be 'taps' or 'last', got {pyramid_input!r}"
+            )
+        self.vit = DINOv2(variant, **vit_overrides)
+        n_taps = len(self.vit.config.out_indices)
+        if pyramid_input == "taps" and n_taps != 4:
+            raise ConfigError(
+                f"DINOv2Backbone: pyramid_input='taps' needs 4 out_indices, got "
+                f"{self.vit.config.out_indices}; use pyramid_input='last' for a single tap"
+            )
+        self.variant = self.vit.variant
+        self.token_policy = token_policy
+        self.pyramid_input = pyramid_input
+        self.neck = SimpleFeaturePyramid(self.vit.config.embed_dim, out_channels, neck_norm)
+        self.out_channels: tuple[int, ...] = self.neck.out_channels
+        self.feature_info: list[dict[str, int | str]] = [
+            {"num_chs": c, "reduction": r, "module": f"neck.fpn{i + 1}"}
+            for i, (c, r) in enumerate(zip(self.out_channels, (4, 8, 16, 32), strict=True))
+        ]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Crop ``(B, 3, H, W)`` -> ``[P_1..P_4]``, ``P_i`` of shape
+        ``(B, C_i, *pyramid_sizes(H, W)[i])``."""
+        h, w = x.shape[-2:]
+        vin = apply_token_policy(x, self.token_policy, self.vit.patch_size)
+        taps = self.vit(vin)
+        feats = taps[-1:] if self.pyramid_input == "last" else taps
+        extent = tuple(vin.shape[-2:]) if self.token_policy == "pad14" else (h, w)
+        levels = self.neck(feats, extent)  # type: ignore[arg-type]
+        if extent != (h, w):
+            levels = [
+                lv[..., :sh, :sw] for lv, (sh, sw) in zip(levels, pyramid_sizes(h, w), strict=True)
+            ]
+        return levels
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """Same as :meth:`forward` (the shared backbone API)."""
+        return self.forward(x)
