@@ -128,3 +128,34 @@ def test_dacs_iteration_with_fd_on_synthnight():
     fd = hooks.aux_losses[0]
     assert not any(p.requires_grad for p in fd.imnet_backbone.parameters())
     assert not fd.imnet_backbone.training
+
+
+def test_hrda_wraps_deeplabv2_with_a_deeplabv2_attention_head():
+    from udaseg.models.hrda import HRDAConfig, HRDASegmentor
+
+    torch.manual_seed(0)
+    # output stride 8 at context scale 0.5: crop offsets must be multiples of 8 / 0.5 = 16
+    model = HRDASegmentor(build_segmentor("resnet_tiny", "deeplabv2"), HRDAConfig(crop_divisor=16))
+    att = model.scale_attention_head
+    assert isinstance(att, DeepLabV2Head) and att.num_classes == 19  # class-wise attention
+    assert att.dilations == (6, 12, 18, 24) and att.in_channels == (32, 64, 128, 256)
+    out = model.train()(torch.randn(2, 3, 128, 128))
+    assert out.detail_logits.shape == (2, 19, 8, 8) and out.logits.shape[1] == 19
+    assert out.features[-1].shape == (2, 256, 8, 8)  # context features (64 px at stride 8)
+
+
+def test_slide_inference_and_onnx_export(tmp_path):
+    from udaseg.eval.inference import slide_inference
+
+    torch.manual_seed(0)
+    model = build_segmentor("resnet_tiny", "deeplabv2").eval()
+    images = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        logits = slide_inference(lambda x: model(x).logits, images, 64, 48, num_classes=19)
+    assert logits.shape == (1, 19, 96, 160) and torch.isfinite(logits).all()
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from udaseg.eval.onnx_export import export_onnx, verify_onnx
+
+    path = export_onnx(model, tmp_path / "dlv2.onnx", example_size=(64, 64), dynamic=True)
+    assert verify_onnx(path, model, [(64, 64), (72, 120)]) < 1e-4

@@ -85,6 +85,7 @@ from torch.nn import functional as F
 from udaseg.data.classes import NUM_CLASSES
 from udaseg.models.windows import Window, slide_windows
 from udaseg.models.daformer_head import DAFormerHead
+from udaseg.models.deeplabv2_head import DeepLabV2Head
 from udaseg.models.layers import ConvBNReLU, resize
 from udaseg.models.segformer_head import SegFormerHead
 from udaseg.models.segmentor import EncoderDecoder, SegOutput, build_segmentor
@@ -161,6 +162,8 @@ def make_attention_head(decode_head: nn.Module, out_channels: int, kind: str = "
       reference's ``daformer_conv1`` attention config. Keys: ``embed_layers.*``,
       ``fuse_layer.conv.weight``, ``fuse_layer.bn.*``, ``conv_seg.*``.
     * :class:`SegFormerHead`: an identical head with ``out_channels`` outputs.
+    * :class:`DeepLabV2Head`: the same dilated branches with ``out_channels`` outputs (HRDA's
+      ``DLV2Head`` attention; stride 8 like the logits).
 
     The returned head outputs attention *logits*; :class:`HRDASegmentor` applies the sigmoid.
 
@@ -193,6 +196,10 @@ def make_attention_head(decode_head: nn.Module, out_channels: int, kind: str = "
             embed_dim=decode_head.embed_dim,
             dropout_ratio=p,
             concat_order=decode_head.concat_order,
+        )
+    if isinstance(decode_head, DeepLabV2Head):
+        return DeepLabV2Head(
+            decode_head.in_channels, num_classes=out_channels, dilations=decode_head.dilations
         )
     raise TypeError(
         f"make_attention_head: no attention-head recipe for {type(decode_head).__name__}; "
