@@ -12,6 +12,7 @@ import torch
 from udaseg.errors import CheckpointError, ConfigError
 from udaseg.models.dinov2 import (
     DINOV2_VARIANTS,
+    RELEASED_CHECKPOINTS,
     DINOv2,
     DINOv2Backbone,
     DINOv2Config,
@@ -103,6 +104,18 @@ def test_variants_and_param_counts():
         m = DINOv2("dinov2_g_reg")
     assert m.register_tokens.shape == (1, 4, 1536)
     assert m.blocks[0].mlp.w12.weight.shape == (8192, 1536)
+    assert RELEASED_CHECKPOINTS["dinov2_l_reg"] == (
+        "dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth", "facebook/dinov2-with-registers-large")
+    assert set(RELEASED_CHECKPOINTS) == set(DINOV2_VARIANTS) - {"dinov2_tiny"}
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, udaseg.models.dinov2; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_our_keys_are_the_official_layout():
@@ -119,6 +132,8 @@ def test_bad_configs_are_loud():
         DINOv2(tiny(), out_indices=(0, 5))
     with pytest.raises(ConfigError, match="interp_mode"):
         DINOv2(tiny(), interp_mode="bilinear")
+    with pytest.raises(ConfigError, match="unknown DINOv2 config field.*out_index"):
+        DINOv2("dinov2_s", out_index=(1,))
     with pytest.raises(ConfigError, match="known variants"):
         DINOv2("dinov2_xl")
     with pytest.raises(ValueError, match="multiple of the patch size 14"):

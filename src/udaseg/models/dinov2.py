@@ -83,6 +83,7 @@ from torch import Tensor, nn
 
 from udaseg.errors import CheckpointError, ConfigError
 from udaseg.models.layers import DropPath, memory_format_of
+from udaseg.models.weights import LoadReport, _unwrap, load_state_dict_file
 
 __all__ = [
     "DINOV2_VARIANTS",
@@ -90,6 +91,7 @@ __all__ = [
     "DINOv2Backbone",
     "DINOv2Config",
     "InterpMode",
+    "RELEASED_CHECKPOINTS",
     "TOKEN_POLICIES",
     "SimpleFeaturePyramid",
     "apply_token_policy",
@@ -195,7 +197,7 @@ def _variants() -> dict[str, DINOv2Config]:
     out = dict(base)
     for name, cfg in base.items():
         out[name + "_reg"] = replace(cfg, num_register_tokens=4, interp_mode="size_aa")
-    # NOT a paper variant: a ~0.2M-parameter ViT for CPU tests and demos; no checkpoint exists.
+    # NOT a paper variant: a 0.33M-parameter ViT for CPU tests and demos; no checkpoint exists.
     out["dinov2_tiny"] = DINOv2Config(64, 4, 2, out_indices=(0, 1, 2, 3))
     return out
 
@@ -205,10 +207,22 @@ DINOV2_VARIANTS: dict[str, DINOv2Config] = _variants()
 ``dinov2_{s,b,l,g}_reg`` = ``dinov2_vit*14_reg4`` (interp ``size_aa``); ``dinov2_tiny`` is
 udaseg-only."""
 
-_HUB_NAMES = {
-    "dinov2_s": "dinov2_vits14", "dinov2_b": "dinov2_vitb14",
-    "dinov2_l": "dinov2_vitl14", "dinov2_g": "dinov2_vitg14",
-}
+
+
+def _checkpoints() -> dict[str, tuple[str, str]]:
+    out = {}
+    for v, hub, hf in (("s", "vits14", "small"), ("b", "vitb14", "base"),
+                       ("l", "vitl14", "large"), ("g", "vitg14", "giant")):
+        out[f"dinov2_{v}"] = (f"dinov2_{hub}/dinov2_{hub}_pretrain.pth", f"facebook/dinov2-{hf}")
+        out[f"dinov2_{v}_reg"] = (
+            f"dinov2_{hub}/dinov2_{hub}_reg4_pretrain.pth", f"facebook/dinov2-with-registers-{hf}"
+        )
+    return out
+
+
+RELEASED_CHECKPOINTS: dict[str, tuple[str, str]] = _checkpoints()
+"""Variant -> (official file under ``https://dl.fbaipublicfiles.com/dinov2/``, HF repo). Weights
+are read from local copies only (:func:`load_dinov2_weights`); nothing is downloaded here."""
 
 
 def dinov2_config(variant: str, **overrides: object) -> DINOv2Config:
@@ -220,7 +234,19 @@ def dinov2_config(variant: str, **overrides: object) -> DINOv2Config:
         raise ConfigError(
             f"unknown DINOv2 variant {variant!r}; known variants: {', '.join(DINOV2_VARIANTS)}"
         ) from None
-    return replace(cfg, **overrides) if overrides else cfg  # type: ignore[arg-type]
+    return _with_overrides(cfg, overrides)
+
+
+def _with_overrides(cfg: DINOv2Config, overrides: Mapping[str, object]) -> DINOv2Config:
+    if not overrides:
+        return cfg
+    known = set(DINOv2Config.__dataclass_fields__)
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ConfigError(
+            f"unknown DINOv2 config field(s) {bad}; known fields: {', '.join(sorted(known))}"
+        )
+    return replace(cfg, **overrides)  # type: ignore[arg-type]
 
 
 def interpolate_pos_embed(
@@ -376,7 +402,7 @@ class DINOv2(nn.Module):
                  **overrides: object) -> None:
         super().__init__()
         if isinstance(variant, DINOv2Config):
-            cfg = replace(variant, **overrides) if overrides else variant  # type: ignore[arg-type]
+            cfg = _with_overrides(variant, overrides)
             self.variant = "custom"
         else:
             cfg = dinov2_config(variant, **overrides)
@@ -460,10 +486,12 @@ class DINOv2(nn.Module):
             )
         grid = self.grid_size(x.shape[-2], x.shape[-1])
         tokens = self.patch_embed(x)
-        cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
-        tokens = torch.cat([cls, tokens], dim=1) + self.position_embedding(grid, tokens.dtype)
+        # torch.cat promotes like the reference: under autocast the bf16 patch tokens join the fp32
+        # CLS token as fp32, and the position table is cast to that dtype
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        tokens = tokens + self.position_embedding(grid, tokens.dtype)
         if self.register_tokens is not None:
-            reg = self.register_tokens.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+            reg = self.register_tokens.expand(tokens.shape[0], -1, -1)
             tokens = torch.cat([tokens[:, :1], reg, tokens[:, 1:]], dim=1)
         return tokens, grid
 
@@ -602,12 +630,6 @@ _HF_GLU = {"mlp.gate_proj": "a", "mlp.up_proj": "b"}
 _HF_BLOCK = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
 _PREFIXES = ("backbone.", "dinov2.", "module.")
 _DROPPED = ("head.", "classifier.", "pooler.")
-
-
-def _unwrap(sd: Mapping[str, object]) -> dict[str, Tensor]:
-    from udaseg.models.weights import _unwrap as unwrap
-
-    return unwrap(sd)
 
 
 def _strip(flat: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
@@ -790,7 +812,7 @@ def load_dinov2_weights(
     layout: Literal["auto", "official", "hf", "hf_v5"] = "auto",
     *,
     strict: bool = True,
-):
+) -> LoadReport:
     """Load DINOv2 weights into ``model`` from a local file or an in-memory state dict.
 
     Args:
@@ -803,7 +825,8 @@ def load_dinov2_weights(
             zero.
 
     Returns:
-        a :class:`~udaseg.models.weights.LoadReport`.
+        a :class:`~udaseg.models.weights.LoadReport` (``ignored``: wrapper-external and classifier
+        keys).
 
     Raises:
         CheckpointError: unreadable file, unknown layout, a shape that differs from the model's
@@ -814,8 +837,6 @@ def load_dinov2_weights(
     the file: official non-register weights were trained with ``offset0.1``, register ones with
     ``size_aa`` (the variants' defaults).
     """
-    from udaseg.models.weights import LoadReport, load_state_dict_file
-
     where = "state dict" if isinstance(source, Mapping) else repr(str(source))
     raw = source if isinstance(source, Mapping) else load_state_dict_file(source)
     if layout == "auto":
