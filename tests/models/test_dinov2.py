@@ -466,3 +466,6 @@ def test_backbone_options_and_grads():
     no_grad = [n for n, p in backbone.named_parameters() if p.grad is None]
     assert no_grad == ["vit.norm.weight", "vit.norm.bias"]
     assert dinov2_layer_id("backbone.vit.blocks.1.mlp.fc1.weight", 2, "backbone.vit.") == 2
+    sd = synthetic(official_shapes(16, 2))
+    assert load_dinov2_weights(backbone, sd).complete
+    assert torch.equal(backbone.vit.pos_embed, sd["pos_embed"])

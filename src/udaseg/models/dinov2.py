@@ -807,7 +807,7 @@ def _describe(sd: Mapping[str, Tensor]) -> str:
 
 
 def load_dinov2_weights(
-    model: DINOv2,
+    model: DINOv2 | DINOv2Backbone,
     source: str | os.PathLike[str] | Mapping[str, object],
     layout: Literal["auto", "official", "hf", "hf_v5"] = "auto",
     *,
@@ -816,7 +816,7 @@ def load_dinov2_weights(
     """Load DINOv2 weights into ``model`` from a local file or an in-memory state dict.
 
     Args:
-        model: the :class:`DINOv2` to fill in place.
+        model: the :class:`DINOv2` to fill in place (or a :class:`DINOv2Backbone`: its ``vit``).
         source: ``.pth/.pt/.bin`` (``weights_only=True``) or ``.safetensors`` path, or a state dict.
         layout: ``"official"``, ``"hf"``, ``"hf_v5"`` or ``"auto"`` (:func:`detect_dinov2_layout`).
         strict: raise when a model tensor is missing or a checkpoint tensor is left unused
@@ -837,6 +837,8 @@ def load_dinov2_weights(
     the file: official non-register weights were trained with ``offset0.1``, register ones with
     ``size_aa`` (the variants' defaults).
     """
+    if isinstance(model, DINOv2Backbone):
+        model = model.vit
     where = "state dict" if isinstance(source, Mapping) else repr(str(source))
     raw = source if isinstance(source, Mapping) else load_state_dict_file(source)
     if layout == "auto":
