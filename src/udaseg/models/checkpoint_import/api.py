@@ -174,11 +174,11 @@ def import_from_raw(
     seg = _select(raw, fmt, which, report)
     mapped, config = _to_udaseg(seg, report)
     if backbone is not None:
-        from ..mit import MIT_VARIANTS
+        from ..segmentor import BACKBONES
 
-        if backbone not in MIT_VARIANTS:
+        if backbone not in BACKBONES:
             raise CheckpointError(
-                f"unknown backbone {backbone!r}; known variants: {', '.join(MIT_VARIANTS)}"
+                f"unknown backbone {backbone!r}; known variants: {', '.join(BACKBONES)}"
             )
     ckpt_variant = str(config["backbone"])
     build_cfg = dict(config, backbone=backbone or ckpt_variant)
@@ -209,13 +209,15 @@ def import_from_raw(
     if casts:
         report.notes.append(f"{casts} tensors cast to the model's dtypes (e.g. float16 -> float32)")
     report.target = type(model).__name__
-    report.config = dict(config)
+    # the built (and checked) backbone: the file's, or --backbone when it fits the weights (for
+    # ResNets this picks the flavour, e.g. resnet101_v1c_refign, which the weights cannot tell)
+    report.config = dict(build_cfg)
     if report.unexpected and fmt == "lightning-refign":
         report.notes.append(
             "unmapped keys of a Refign-family checkpoint: ICDA's DAR (DAT) module is training-only "
             "(refign spec 4.3) but its key prefix is not documented; check the names above"
         )
-    metadata = _metadata(config, report)
+    metadata = _metadata(build_cfg, report)
     return ImportedCheckpoint(state, metadata, report)
 
 

@@ -46,7 +46,8 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--backbone",
         default=None,
-        help="expected MiT variant (e.g. mit_b5); fail if the file is another one",
+        help="expected backbone (e.g. mit_b5; for ResNets it also picks the flavour, e.g. "
+        "resnet101_v1c_refign); fail if the file does not fit it",
     )
     p.add_argument(
         "--strict",

@@ -178,10 +178,77 @@ def _map_head(
             "channels": embed,
             "num_classes": classes,
         }
+    if _has(keys, "aspp_modules.", "conv2d_list."):
+        return _map_dlv2_head(head, where, report)
     raise UnsupportedCheckpointError(
         f"{report.source!r}: {where}: unknown decode head (keys: {', '.join(sorted(keys)[:8])}); "
-        "udaseg maps the DAFormer (sepaspp) and SegFormer heads"
+        "udaseg maps the DAFormer (sepaspp), SegFormer and DeepLabV2 heads"
     )
+
+
+_DLV2_KEY = re.compile(r"^(?:aspp_modules\.(\d+)\.conv|conv2d_list\.(\d+))\.(weight|bias)$")
+
+
+def _map_dlv2_head(
+    head: Mapping[str, Entry], where: str, report: ImportReport
+) -> tuple[dict[str, Entry], dict[str, object]]:
+    """A DeepLabV2 classifier: DAFormer/HRDA's ``DLV2Head`` (``aspp_modules.{k}.conv.*``, the
+    mmseg ASPPModule of ConvModules, no ``conv_seg``) or Refign's ``DeepLabV2Head``
+    (``conv2d_list.{k}.*``) -> udaseg's ``aspp_modules.{k}.conv.*``. The dilations are not in the
+    weights: 4 branches are taken as (6, 12, 18, 24), 2 as DAFormer's reduced (6, 12)."""
+    out: dict[str, Entry] = {}
+    refign = False
+    for k, (src, v) in head.items():
+        m = _DLV2_KEY.match(k)
+        if m is None:
+            raise UnsupportedCheckpointError(
+                f"{report.source!r}: {where}: {k!r} is not a DeepLabV2-head tensor "
+                "(expected aspp_modules.<k>.conv.weight/bias or conv2d_list.<k>.weight/bias)"
+            )
+        refign = refign or m.group(2) is not None
+        out[f"aspp_modules.{m.group(1) or m.group(2)}.conv.{m.group(3)}"] = (src, v)
+    branches = sorted({int(k.split(".")[1]) for k in out})
+    kind = {4: "deeplabv2", 2: "deeplabv2_red"}.get(len(branches))
+    if kind is None or branches != list(range(len(branches))):
+        raise UnsupportedCheckpointError(
+            f"{report.source!r}: {where}: DeepLabV2 head with branches {branches}; udaseg's "
+            "DeepLabV2 heads have 4 (dilations 6, 12, 18, 24) or 2 (6, 12)"
+        )
+    if "aspp_modules.0.conv.weight" not in out:
+        raise CheckpointError(f"{report.source!r}: {where} has no DeepLabV2 branch-0 weight")
+    report.notes.append(
+        f"{where}: DeepLabV2 head with {len(branches)} branches, dilations "
+        + ("6, 12, 18, 24" if kind == "deeplabv2" else "6, 12 (DAFormer's reduced head)")
+        + " assumed (dilations are not stored in the weights)"
+        + ("; Refign's conv2d_list.<k> renamed to aspp_modules.<k>.conv" if refign else "")
+    )
+    classes = int(out["aspp_modules.0.conv.weight"][1].shape[0])
+    return out, {"head": kind, "embed_dim": 0, "channels": None, "num_classes": classes}
+
+
+_RESNET_DEPTHS = {6: 50, 23: 101}
+
+
+def _resnet_variant(backbone: Mapping[str, Entry], report: ImportReport) -> str | None:
+    """The udaseg ResNet name for a ResNet backbone state dict, None if it is no ResNet.
+
+    Deep stem (``stem.*``) -> ``resnet{50,101}_v1c``; Refign / DSRNSS checkpoints (Lightning
+    format) get ``resnet101_v1c_refign`` (their layer3/4 first blocks are not dilation-contracted,
+    unlike mmseg/DAFormer's); plain stem (``conv1``) -> ``resnet{50,101}``."""
+    if "layer1.0.conv1.weight" not in backbone:
+        return None
+    blocks = {int(m.group(1)) for k in backbone if (m := re.match(r"^layer3\.(\d+)\.", k))}
+    depth = _RESNET_DEPTHS.get(len(blocks))
+    if depth is None:
+        raise UnsupportedCheckpointError(
+            f"{report.source!r}: ResNet backbone with {len(blocks)} layer3 blocks; udaseg builds "
+            "ResNet-50 (6) and ResNet-101 (23)"
+        )
+    if "stem.0.weight" in backbone:
+        if depth == 101 and report.format == "lightning-refign":
+            return "resnet101_v1c_refign"
+        return f"resnet{depth}_v1c"
+    return f"resnet{depth}" if "conv1.weight" in backbone else None
 
 
 def _to_udaseg(seg: Mapping[str, Entry], report: ImportReport) -> tuple[dict[str, Entry], dict]:
@@ -194,16 +261,34 @@ def _to_udaseg(seg: Mapping[str, Entry], report: ImportReport) -> tuple[dict[str
     backbone = {k[len("backbone.") :]: e for k, e in seg.items() if k.startswith("backbone.")}
     if not backbone:
         raise CheckpointError(f"{report.source!r}: the selected model has no backbone.* tensors")
+    resnet = None
     if "patch_embed1.proj.weight" not in backbone:
-        raise UnsupportedCheckpointError(
-            f"{report.source!r}: the backbone is not a MiT (SegFormer) encoder (its keys start "
-            f"with {', '.join(sorted(backbone)[:4])}); udaseg has only MiT backbones, so e.g. the "
-            "DeepLabV2/ResNet-101 variants cannot be imported yet"
+        resnet = _resnet_variant(backbone, report)
+        if resnet is None:
+            raise UnsupportedCheckpointError(
+                f"{report.source!r}: the backbone is not a MiT (SegFormer) encoder nor a ResNet "
+                f"(its keys start with {', '.join(sorted(backbone)[:4])}); udaseg imports MiT "
+                "and ResNet (DeepLabV2) segmentors"
+            )
+    variant: str | None
+    if resnet is not None:
+        classifier = sorted(src for k, (src, _) in backbone.items() if k.startswith("fc."))
+        report.drop("backbone.fc.*", "the ResNet ImageNet classifier (unused by segmentors)",
+                    classifier)
+        backbone = {k: e for k, e in backbone.items() if not k.startswith("fc.")}
+        variant = resnet
+        report.notes.append(
+            f"backbone: ResNet -> {resnet} (strides 1,2,1,1, dilations 1,1,2,4; "
+            + ("layer3/4 first blocks not dilation-contracted, as Refign builds it)"
+               if resnet.endswith("_refign") else
+               "mmseg's contract_dilation as DAFormer builds it; --backbone overrides)")
         )
-    classifier = sorted(src for k, (src, _) in backbone.items() if k.startswith("head."))
-    report.drop("backbone.head.*", "the MiT ImageNet classifier (unused by segmentors)", classifier)
-    backbone = {k: e for k, e in backbone.items() if not k.startswith("head.")}
-    variant = guess_mit_variant({k: v for k, (_, v) in backbone.items()})
+    else:
+        classifier = sorted(src for k, (src, _) in backbone.items() if k.startswith("head."))
+        report.drop("backbone.head.*", "the MiT ImageNet classifier (unused by segmentors)",
+                    classifier)
+        backbone = {k: e for k, e in backbone.items() if not k.startswith("head.")}
+        variant = guess_mit_variant({k: v for k, (_, v) in backbone.items()})
     if variant is None:
         dims = [
             tuple(backbone[f"patch_embed{i}.proj.weight"][1].shape)
@@ -321,7 +406,7 @@ def _to_udaseg(seg: Mapping[str, Entry], report: ImportReport) -> tuple[dict[str
         )
     config.update(
         head=head_cfg["head"],
-        head_channels=int(head_cfg["channels"]),
+        head_channels=None if head_cfg["channels"] is None else int(head_cfg["channels"]),
         num_classes=int(head_cfg["num_classes"]),
     )
     return out, config
