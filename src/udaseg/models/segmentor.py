@@ -31,6 +31,7 @@ from udaseg.models.daformer_head import DAFormerHead
 from udaseg.models.deeplabv2_head import DLV2_DILATIONS, DLV2_RED_DILATIONS, DeepLabV2Head
 from udaseg.models.mit import MIT_VARIANTS, MixTransformer
 from udaseg.models.optim_groups import param_groups
+from udaseg.models.dinov2 import DINOV2_VARIANTS
 from udaseg.models.resnet import RESNET_VARIANTS, ResNet
 from udaseg.models.segformer_head import SegFormerHead
 
@@ -77,6 +78,20 @@ def _load_resnet(backbone: nn.Module, path: str) -> object:
     return load_resnet_weights(backbone, path, strict=True)  # type: ignore[arg-type]
 
 
+def _load_dinov2(backbone: nn.Module, path: str) -> object:
+    from udaseg.models.dinov2 import load_dinov2_weights
+
+    return load_dinov2_weights(backbone, path, strict=True)  # type: ignore[arg-type]
+
+
+def _build_dinov2(variant: str, drop_path_rate: float) -> nn.Module:
+    from udaseg.models.dinov2 import DINOv2Backbone
+
+    # "token16" (crop resized by 14/16: the token grid is crop/16, HRDA's 512 crops -> 32x32):
+    # the spec's choice for speed and HRDA; the published VFM-UDA recipe resizes by ~1.09
+    return DINOv2Backbone(variant, token_policy="token16", drop_path=drop_path_rate)
+
+
 def _build_mit(variant: str, drop_path_rate: float) -> nn.Module:
     return MixTransformer(variant, drop_path_rate=drop_path_rate)
 
@@ -88,10 +103,13 @@ def _build_resnet(variant: str, drop_path_rate: float) -> nn.Module:
 BACKBONE_REGISTRY: dict[str, BackboneEntry] = {
     **{v: BackboneEntry(partial(_build_mit, v), _load_mit) for v in MIT_VARIANTS},
     **{v: BackboneEntry(partial(_build_resnet, v), _load_resnet) for v in RESNET_VARIANTS},
+    **{v: BackboneEntry(partial(_build_dinov2, v), _load_dinov2) for v in DINOV2_VARIANTS},
 }
 """Backbone name -> :class:`BackboneEntry`: MiT-B0..B5 (+ ``mit_tiny``) and the ResNets of
 :data:`udaseg.models.resnet.RESNET_VARIANTS` (``resnet101_v1c``, ``resnet101_v1c_refign``,
-``resnet101``, ``resnet50_v1c``, ``resnet50``, ``resnet_tiny``)."""
+``resnet101``, ``resnet50_v1c``, ``resnet50``, ``resnet_tiny``) and DINOv2 ViT-S/B/L/G/14 with
+and without registers (:data:`udaseg.models.dinov2.DINOV2_VARIANTS`: ``dinov2_s`` ..
+``dinov2_g_reg``, ``dinov2_tiny``), token policy "token16" and a simple feature pyramid."""
 
 
 def _build_daformer(in_channels: Sequence[int], num_classes: int, width: int | None) -> nn.Module:
