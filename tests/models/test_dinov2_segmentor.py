@@ -83,3 +83,23 @@ def test_hrda_and_slide_inference_with_dinov2():
         logits = slide_inference(lambda x: plain(x).logits, torch.randn(1, 3, 96, 160), 64, 48,
                                  num_classes=19)
     assert logits.shape == (1, 19, 96, 160) and torch.isfinite(logits).all()
+
+
+def test_layer_decay_option_scales_backbone_lr_by_layer():
+    from udaseg.engine.optim import OptimConfig, build_optimizer
+    from udaseg.errors import ConfigError
+
+    model = build_segmentor("dinov2_tiny", "daformer", head_channels=16)
+    depth = model.backbone.vit.config.depth
+    opt, _ = build_optimizer(model, OptimConfig(lr=1e-4, layer_decay=0.5, warmup_iters=0), 10)
+    lr_of = {n: g["lr"] for g in opt.param_groups for n in g["param_names"]}
+    assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+    assert lr_of["backbone.vit.patch_embed.proj.weight"] == pytest.approx(1e-4 * 0.5 ** (depth + 1))
+    assert lr_of["backbone.vit.blocks.0.attn.qkv.weight"] == pytest.approx(1e-4 * 0.5 ** depth)
+    assert lr_of[f"backbone.vit.blocks.{depth - 1}.mlp.fc1.weight"] == pytest.approx(1e-4 * 0.5)
+    assert lr_of["backbone.vit.norm.weight"] == pytest.approx(1e-4)
+    head = next(n for n in lr_of if n.startswith("decode_head."))
+    assert lr_of[head] == pytest.approx(1e-3)  # head x10, no decay
+    with pytest.raises(ConfigError, match="layer_decay"):
+        build_optimizer(build_segmentor("mit_tiny", "daformer", head_channels=16),
+                        OptimConfig(layer_decay=0.5), 10)

@@ -35,6 +35,38 @@ class OptimConfig:
     every 1-D parameter, biases included, head too)."""
     fused: bool | None = None
     """Fused AdamW kernel (same maths, one kernel per step); None = on when the model is on CUDA."""
+    layer_decay: float | None = None
+    """Layer-wise lr decay for ViT backbones (``dinov2_*``; BEiT / DINOv2 convention): a backbone
+    parameter of layer id k (0 the patch embedding and tokens, i + 1 block i, depth + 1 the final
+    norm) gets ``lr * layer_decay ** (depth + 1 - k)`` on top of its group's lr; the neck and head
+    are unchanged. None (default) = off."""
+
+
+def _layer_decay(model: torch.nn.Module, groups: list[dict], decay: float) -> list[dict]:
+    """Split ``groups`` by ViT layer id and scale each part's lr (:attr:`OptimConfig.layer_decay`)."""
+    from ..errors import ConfigError
+    from ..models.dinov2 import DINOv2, dinov2_layer_id
+
+    vits = [(n, m) for n, m in model.named_modules() if isinstance(m, DINOv2)]
+    if len(vits) != 1:
+        raise ConfigError("model.optim.layer_decay needs a model with one ViT backbone (dinov2_*); "
+                          f"found {len(vits)}. Remove layer_decay or choose a dinov2_* backbone.")
+    prefix = vits[0][0] + "." if vits[0][0] else ""
+    depth = vits[0][1].config.depth
+    out = []
+    for g in groups:
+        parts: dict[int, dict] = {}
+        for name, p in zip(g["param_names"], g["params"], strict=True):
+            lid = dinov2_layer_id(name, depth, prefix)
+            if lid not in parts:
+                settings = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+                parts[lid] = {**settings, "name": f"{g['name']}.layer{lid}", "params": [],
+                              "param_names": [], "lr": g["lr"] * decay ** (depth + 1 - lid)}
+            part = parts[lid]
+            part["params"].append(p)
+            part["param_names"].append(name)
+        out.extend(parts[k] for k in sorted(parts))
+    return out
 
 
 def poly_warmup_factor(t: int, total: int, cfg: OptimConfig) -> float:
@@ -50,6 +82,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_iters: int):
     """AdamW over ``model``'s trainable parameters and a per-iteration LambdaLR."""
     groups = param_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           head_lr_mult=cfg.head_lr_mult, no_decay=cfg.no_decay)
+    if cfg.layer_decay is not None:
+        groups = _layer_decay(model, groups, float(cfg.layer_decay))
     fused = cfg.fused
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"]) and len(groups) > 0
