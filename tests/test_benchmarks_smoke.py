@@ -124,3 +124,15 @@ def test_cdda_bank(bench, tmp_path):
                      "--dir", str(tmp_path)])
     check(figs, ["cdda_bank/open/N64"], "ms")
     assert figs[0].numbers["file_bytes"] >= 64 * 19 * 256 * 4
+
+
+def test_train_step_refign_presets(bench):
+    """Refign-DAFormer with UAWarpC (random weights: no files here) and with the identity aligner:
+    their difference is the alignment's cost per iteration."""
+    mod = bench("bench_train_step")
+    figs = mod.main(["--presets", "refign", "refign_identity", "--backbone", "mit_tiny",
+                     "--head-channels", "16", "--crop", "64", "--iters", "1", "--warmup", "1",
+                     "--threads", "1", "--no-flops", "--no-append"])
+    check(figs, ["train_step/refign", "train_step/refign_identity"], "it/s")
+    assert "DACS+FD+REFIGN (UAWarpC, random weights aligner)" in figs[0].setting
+    assert "(identity aligner)" in figs[1].setting
