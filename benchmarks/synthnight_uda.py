@@ -132,7 +132,8 @@ def cdda_bank(a, spec) -> Path:
         "seed": a.seed, "rcs": spec.get("rcs"),
         "source": {"name": "cityscapes", "root": str(root / "cityscapes"), "split": "train",
                    "views": spec["source_views"]},
-        "source_pipeline": {"scale": list(a.scale), "crop_size": list(a.crop), "cat_max_ratio": 0.75},
+        "source_pipeline": {"scale": list(a.scale), "crop_size": list(a.crop),
+                            "cat_max_ratio": 0.75},
     }
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "bank.yaml"

@@ -42,7 +42,8 @@ def test_pretrained_path_loads_official_and_hf_layouts_strictly(tmp_path):
     bad["pos_embed"] = bad["pos_embed"][:, :-1]
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="pos_embed"):
-        build_segmentor("dinov2_tiny", "daformer", head_channels=16, pretrained=str(tmp_path / "bad.pth"))
+        build_segmentor("dinov2_tiny", "daformer", head_channels=16,
+                        pretrained=str(tmp_path / "bad.pth"))
 
 
 def test_dacs_fd_mic_iterations_with_dinov2():
@@ -75,7 +76,8 @@ def test_hrda_and_slide_inference_with_dinov2():
     from udaseg.models.hrda import HRDAConfig, HRDASegmentor
 
     torch.manual_seed(0)
-    model = HRDASegmentor(build_segmentor("dinov2_tiny", "daformer", head_channels=16), HRDAConfig())
+    base = build_segmentor("dinov2_tiny", "daformer", head_channels=16)
+    model = HRDASegmentor(base, HRDAConfig())
     out = model.train()(torch.randn(2, 3, 128, 128))
     assert out.logits.shape[1] == 19 and out.detail_logits.shape == (2, 19, 16, 16)
     plain = build_segmentor("dinov2_tiny", "segformer", head_channels=16).eval()

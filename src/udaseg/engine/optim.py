@@ -43,7 +43,7 @@ class OptimConfig:
 
 
 def _layer_decay(model: torch.nn.Module, groups: list[dict], decay: float) -> list[dict]:
-    """Split ``groups`` by ViT layer id and scale each part's lr (:attr:`OptimConfig.layer_decay`)."""
+    """Split ``groups`` by ViT layer id; scale each part's lr (:attr:`OptimConfig.layer_decay`)."""
     from ..errors import ConfigError
     from ..models.dinov2 import DINOv2, dinov2_layer_id
 
