@@ -1,13 +1,15 @@
-"""CDDA source bank: opening time and resident memory of a bank at GTA (N = 24,966) and SYNTHIA
-(N = 9,400) size.
+"""CDDA source bank: opening time, resident memory and one iteration's search time of a bank
+at GTA (N = 24,966) and SYNTHIA (N = 9,400) size.
 
 Writes a synthetic bank per N in the on-disk format of :mod:`udaseg.data.cdda_bank` (header.json,
 hist.npy (N, 19, 256) float32 raw counts, records.npy (N, 9) int32; sparse random counts, as a
 512x512 crop gives) into ``--dir``, then measures :meth:`SourceBank.open` (the histograms are
 memory-mapped: nothing is read yet), the process's resident set (``VmRSS``) growth after opening
 and after reading every histogram once (``hist.sum()``: the pages a full bank search touches), and
-that full pass's time. The file was just written, so it is in the OS page cache: the pass
-measures memory bandwidth, not the disk (a cold first search reads 463 MiB for GTA once).
+that full pass's time; then the time of one iteration's histogram + search (``--batch`` target
+crops against the whole bank, resident on ``--device``). The file was just written, so it is in
+the OS page cache: the pass measures memory bandwidth, not the disk (a cold first search reads 463
+MiB for GTA once).
 
     python benchmarks/bench_cdda_bank.py                 # N = 24966 and 9400
     python benchmarks/bench_cdda_bank.py --n 9400 --dir /tmp/banks
@@ -100,10 +102,43 @@ def run(args) -> Iterator[Figure]:
             numbers = {"open_s": t_open, "rss_open_bytes": rss_open, "rss_read_bytes": rss_read,
                        "pass_s": t_pass, "file_bytes": size}
             yield Figure(f"cdda_bank/open/N{n}", t_open * 1000, "ms", setting, False, extras, numbers)
+            yield search_figure(bank, n, args)
             del bank
     finally:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def search_figure(bank, n: int, args) -> Figure:
+    """One CDDA iteration's histogram + bank search (:func:`udaseg.adapt.methods.cdda.search`)
+    for a batch of ``--batch`` target crops against the resident bank, on ``--device``."""
+    import torch
+
+    from udaseg.adapt.methods.cdda import BankIndex, search
+    from udaseg.data.cdda_bank import class_depth_histogram
+
+    device = args.torch_device
+    t0 = time.perf_counter()
+    index = BankIndex(torch.as_tensor(bank.hist[:]), device=device)
+    t_index = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    h = w = args.crop
+    labels = torch.randint(0, 19, (args.batch, h // 32, w // 32), generator=g)
+    labels = labels.repeat_interleave(32, 1).repeat_interleave(32, 2).to(device)
+    depth = torch.randint(0, 256, (args.batch, h, w), generator=g).float().to(device)
+
+    def step():
+        search(index, class_depth_histogram(labels, depth), chunk_size=args.chunk)
+
+    timing = common.time_it(step, args.iters, 1, device)
+    setting = (f"N={n}, batch {args.batch} target crops {h}x{w}, chunk {args.chunk}, "
+               f"{device.type} fp32")
+    extras = {"median": f"{timing.median * 1000:.0f} ms",
+              "bank to device once": f"{t_index * 1000:.0f} ms",
+              "resident": common.fmt_bytes(sum(t.numel() * t.element_size() for t in (
+                  index.hist, index.n, index.norm, index.cnorm)))}
+    return Figure(f"cdda_bank/search/N{n}", timing.mean * 1000, "ms", setting, False, extras,
+                  {"search_s": timing.mean, "index_s": t_index})
 
 
 def notes(args) -> list[str]:
@@ -118,6 +153,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, nargs="+", default=[24966, 9400], help="bank sizes")
     p.add_argument("--crop", type=int, default=512, help="crop side (header and counts)")
     p.add_argument("--dir", default=None, help="where the banks go (default: a temporary folder)")
+    p.add_argument("--batch", type=int, default=2, help="target crops per search (2: the papers')")
+    p.add_argument("--chunk", type=int, default=2048, help="bank entries per chunk (CDDAConfig)")
+    p.add_argument("--iters", type=int, default=5, help="timed searches")
     common.add_common_args(p)
     return p
 

@@ -120,10 +120,11 @@ def test_precision_curves_compares_two_logged_runs(bench, tmp_path):
 
 def test_cdda_bank(bench, tmp_path):
     mod = bench("bench_cdda_bank")
-    figs = mod.main(["--n", "64", "--crop", "32", "--threads", "1", "--no-append",
+    figs = mod.main(["--n", "64", "--crop", "32", "--threads", "1", "--no-append", "--iters", "1",
                      "--dir", str(tmp_path)])
-    check(figs, ["cdda_bank/open/N64"], "ms")
+    check(figs, ["cdda_bank/open/N64", "cdda_bank/search/N64"], "ms")
     assert figs[0].numbers["file_bytes"] >= 64 * 19 * 256 * 4
+    assert figs[1].numbers["search_s"] > 0 and "batch 2 target crops 32x32" in figs[1].setting
 
 
 def test_train_step_refign_presets(bench):
