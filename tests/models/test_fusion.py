@@ -351,3 +351,22 @@ def test_remap_release_keys():
     )
     with pytest.raises(CheckpointError, match="share_decoder"):
         remap_cmda_keys(release)
+
+
+def test_param_groups_and_channels_last():
+    from udaseg.models.optim_groups import param_groups
+
+    model = _model()
+    groups = {g["name"]: set(g["param_names"]) for g in param_groups(model, 6e-5, 0.01)}
+    assert all(n.startswith("decode_head.") for n in groups["head"])  # x10 lr: decoder only
+    assert "fusion_module.basic_block.0.attn.q.weight" in groups["decay"]
+    assert "fusion_module.basic_block.0.norm1.weight" in groups["no_decay"]
+    assert "backbone_events.block1.0.attn.kv.weight" in groups["decay"]
+    x, e, r = _inputs(size=32)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x, e, r)
+        model.to(memory_format=torch.channels_last)
+        out = model(x, e, r)
+    for name in ref.extras:
+        torch.testing.assert_close(out.extras[name], ref.extras[name], rtol=1e-4, atol=1e-5)
