@@ -14,7 +14,10 @@
 
 Both reproduce the release's CPU computation (PIL greyscale, float32 NumPy logs, torch
 thresholding/min-max) value for value; ``tests/data/test_isr.py`` checks this against a NumPy/PIL
-re-statement of the release on random images for every parameter set and direction.
+re-statement of the release on random images for every parameter set and direction. On an H200
+(torch 2.11) the CUDA results were identical to the release's too (all presets and directions,
+2x512^2), and a mixed-image ISR of a 2x512^2 batch took 1.8 ms against 18.5 ms for the release's
+GPU -> PIL/NumPy -> GPU path.
 
 Input convention
 ----------------
@@ -285,15 +288,23 @@ def release_uint8(
     mean: Sequence[float] = (123.675, 116.28, 103.53),
     std: Sequence[float] = (58.395, 57.12, 57.375),
 ) -> Tensor:
-    """Normalised (B, 3, H, W) images -> uint8 the way the release feeds PIL for the mixed ISR.
+    """Normalised (B, 3, H, W) float32 images -> uint8 as the release feeds PIL for the mixed ISR.
 
     ``clamp((x * std + mean) / 255, 0, 1) * 255`` then a truncating cast (``np.uint8``); ``mean``
     and ``std`` on the 0-255 scale (mmseg's ImageNet values, also udaseg's ``Normalize``).
+
+    The release runs this on the GPU, where PyTorch divides a float32 tensor by a Python number
+    by multiplying with the float32 reciprocal (``1.0f / 255.0f``); a CPU true division differs by
+    one ulp on a few pixels, enough to move a truncated level. The reciprocal is written out here,
+    so CPU and GPU give the release's CUDA values (checked on an H200: identical).
     """
     m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    x = torch.clamp(images.mul(s).add(m) / 255.0, 0, 1) * 255
+    x = torch.clamp(images.mul(s).add(m) * _INV_255_F32, 0, 1) * 255
     return x.to(torch.uint8)  # truncation toward zero, as np.uint8 of a float array
+
+
+_INV_255_F32 = float(np.float32(1.0) / np.float32(255.0))
 
 
 # --------------------------------------------------------------------------- IC (temporal)
