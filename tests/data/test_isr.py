@@ -14,6 +14,7 @@ from udaseg.data.isr import (
     DIRECTIONS,
     ISR_PRESETS,
     ISRParams,
+    crop_isr_direction,
     decode_ic_png,
     encode_ic_png,
     image_change,
@@ -228,6 +229,9 @@ def test_mixed_isr_direction_digits():
     assert mixed_isr_direction(0.12) == "rightdown"
     assert mixed_isr_direction(0.13) == "rightup"
     assert mixed_isr_direction(0.0) == "leftdown"
+    # loaders: x offset parity -> left/right, flip flag (source) or y parity (DSEC) -> down/up
+    assert crop_isr_direction(0, 0) == "leftdown" and crop_isr_direction(3, 1) == "rightup"
+    assert crop_isr_direction(10, 7) == "leftup" and crop_isr_direction(5, 4) == "rightdown"
 
 
 # --------------------------------------------------------------------------- IC

@@ -64,6 +64,7 @@ __all__ = [
     "DIRECTIONS",
     "ISR_PRESETS",
     "ISRParams",
+    "crop_isr_direction",
     "decode_ic_png",
     "encode_ic_png",
     "image_change",
@@ -273,14 +274,27 @@ def image_self_residual(
     return out.unsqueeze(1)
 
 
+_RANDOM_DIRECTIONS = (("leftdown", "leftup"), ("rightdown", "rightup"))
+
+
+def crop_isr_direction(x_offset: int, second: int) -> str:
+    """The release's direction for a loader's ISR under ``shift_type='random'``.
+
+    Left/right from the parity of the crop's x offset; down/up from ``second``: the horizontal-flip
+    flag (0/1) for the Cityscapes source (``cityscapes_ic.py``: ISR of the PIL image after the
+    bilinear resize to 1024x512, the crop and the flip), the crop's y offset for the DSEC target
+    (``dsec.py``: ISR of the cropped, flipped, resized 512x512 warp image).
+    """
+    return _RANDOM_DIRECTIONS[int(x_offset) % 2][int(second) % 2]
+
+
 def mixed_isr_direction(jitter_u: float) -> str:
     """The release's direction for a mixed image's ISR under ``shift_type='random'``.
 
     ``jitter_u`` is the step's colour-jitter random number (uniform in [0, 1)); its first decimal
     digit's parity picks left/right and its second's picks down/up.
     """
-    table = (("leftdown", "leftup"), ("rightdown", "rightup"))
-    return table[int(jitter_u * 10) % 2][int(jitter_u * 100) % 2]
+    return _RANDOM_DIRECTIONS[int(jitter_u * 10) % 2][int(jitter_u * 100) % 2]
 
 
 def release_uint8(
