@@ -246,7 +246,8 @@ def run(args) -> Iterator[Figure]:
 def notes(args) -> list[str]:
     return [(f"{args.iters} timed iterations after {args.warmup} warm-up; random tensors, no "
              "loader; model/methods from configs/base/model_mitb5_daformer.yaml + "
-             "configs/benchmarks/gta2cs/<preset>.yaml, random init (no ImageNet weights)")]
+             "the preset's configs (gta2cs/<preset>.yaml; refign: cs2dz/refign_daformer.yaml), "
+             "random init (no ImageNet weights)")]
 
 
 def parser() -> argparse.ArgumentParser:
