@@ -31,7 +31,7 @@ from ..data.transforms import PipelineConfig
 
 @dataclass
 class DemoConfig:
-    """Everything the demo does, with defaults calibrated for 2 CPU cores (< 7 minutes)."""
+    """Everything the demo does, with defaults calibrated for 2 CPU cores (7.5 minutes)."""
 
     seed: int = 0
     out_dir: str = "udaseg_demo"
@@ -58,8 +58,8 @@ class DemoConfig:
     source iterations here first."""
     uda_steps: int = 300
     """DACS iterations (when ``dacs`` is among the runs). 300 (control: 690 source iterations)
-    keeps the demo under 7 minutes on 2 cores with night gains of +6.9 / +6.7 / +9.6 mIoU on
-    seeds 0 / 1 / 2 (README); 450 gave +6.5 / +6.2 / +10.1 in 9 minutes."""
+    takes the demo to 7 min 24 s on 2 idle cores (seed 0) with night gains of +6.9 / +6.7 / +9.6
+    mIoU on seeds 0 / 1 / 2 (README); 450 gave +6.5 / +6.2 / +10.1 in 9 minutes."""
     uda_lr: float = 3e-4
     cost_ratio: float = 2.3
     """Source iterations that cost as much as one DACS iteration (the control's budget;
