@@ -148,6 +148,15 @@ def _check_pair(name: str, image: Sequence[Tensor], events: Sequence[Tensor], n:
             )
 
 
+def _stage_settings(
+    name: str, in_channels: Sequence[int], sr_ratios: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-stage widths and reduction ratios of a fusion module (same length, as ints)."""
+    if len(in_channels) != len(sr_ratios):
+        raise ValueError(f"{name}: {len(in_channels)} in_channels but {len(sr_ratios)} sr_ratios")
+    return tuple(int(c) for c in in_channels), tuple(int(r) for r in sr_ratios)
+
+
 class AttentionAvgFusion(nn.Module):
     """Per stage: one MiT block per modality, then the average (CMDA's DSEC fusion, spec 2.7).
 
@@ -172,12 +181,7 @@ class AttentionAvgFusion(nn.Module):
         drop_path: float = 0.05,
     ) -> None:
         super().__init__()
-        if len(in_channels) != len(sr_ratios):
-            raise ValueError(
-                f"AttentionAvgFusion: {len(in_channels)} in_channels but {len(sr_ratios)} sr_ratios"
-            )
-        self.in_channels = tuple(int(c) for c in in_channels)
-        self.sr_ratios = tuple(int(r) for r in sr_ratios)
+        self.in_channels, self.sr_ratios = _stage_settings("AttentionAvgFusion", in_channels, sr_ratios)
         # block 2i: image stage i, block 2i + 1: events stage i (the release's order)
         self.basic_block = nn.ModuleList(
             Block(c, num_heads, mlp_ratio, r, drop_path)
@@ -236,12 +240,7 @@ class AttentionFusion(nn.Module):
         drop_path: float = 0.05,
     ) -> None:
         super().__init__()
-        if len(in_channels) != len(sr_ratios):
-            raise ValueError(
-                f"AttentionFusion: {len(in_channels)} in_channels but {len(sr_ratios)} sr_ratios"
-            )
-        self.in_channels = tuple(int(c) for c in in_channels)
-        self.sr_ratios = tuple(int(r) for r in sr_ratios)
+        self.in_channels, self.sr_ratios = _stage_settings("AttentionFusion", in_channels, sr_ratios)
         self.basic_block = nn.ModuleList(
             Block(2 * c, num_heads, mlp_ratio, r, drop_path)
             for c, r in zip(self.in_channels, self.sr_ratios, strict=True)
