@@ -191,6 +191,10 @@ def run_one(name: str, a, steps: int | None = None, snapshots: Snapshots | None 
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     train_s = time.perf_counter() - t0
+    # CDDA's gate counters (checkpointed buffers of its refiner): how often each gate opened
+    gates = {k.rsplit(".", 1)[1]: int(v) for k, v in module.state_dict().items()
+             if k.rsplit(".", 1)[1] in ("rw_open", "rl_open", "guide_steps", "crops", "steps")
+             and ".hook_modules." in k}
 
     def evaluate() -> dict:
         L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False).validate(
@@ -205,7 +209,8 @@ def run_one(name: str, a, steps: int | None = None, snapshots: Snapshots | None 
     if not evaluate_after:
         return dict(run=name, steps=steps, train_s=train_s, s_per_it=timer.s_per_it)
     if snapshots is None:
-        return dict(run=name, steps=steps, train_s=train_s, s_per_it=timer.s_per_it, **evaluate())
+        return dict(run=name, steps=steps, train_s=train_s, s_per_it=timer.s_per_it, gates=gates,
+                    **evaluate())
     rows = []
     for k in sorted(snapshots.states):
         module.load_state_dict(snapshots.states[k])
@@ -292,6 +297,13 @@ def main() -> None:
             f"| {r['run']} | {r['steps']} | {r['s_per_it']:.3f} | {ratio} | "
             f"{r['day_val']:.2f} | {r['night_val']:.2f} | {ctrl} | {gain} | {tail_text(r)} |"
         )
+    for r in rows:
+        g = r.get("gates")
+        if g and g.get("crops"):
+            lines.append(
+                f"\n{r['run']}: re-weighting/replacement gate open for {g['rw_open']} of "
+                f"{g['crops']} target crops, relabel gate for {g['rl_open']}; guidance step ran "
+                f"on {g['guide_steps']} of {g['steps']} iterations.")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(a.results, "a") as f:
