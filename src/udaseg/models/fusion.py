@@ -181,7 +181,8 @@ class AttentionAvgFusion(nn.Module):
         drop_path: float = 0.05,
     ) -> None:
         super().__init__()
-        self.in_channels, self.sr_ratios = _stage_settings("AttentionAvgFusion", in_channels, sr_ratios)
+        self.in_channels, self.sr_ratios = _stage_settings(
+            "AttentionAvgFusion", in_channels, sr_ratios)
         # block 2i: image stage i, block 2i + 1: events stage i (the release's order)
         self.basic_block = nn.ModuleList(
             Block(c, num_heads, mlp_ratio, r, drop_path)
@@ -240,7 +241,8 @@ class AttentionFusion(nn.Module):
         drop_path: float = 0.05,
     ) -> None:
         super().__init__()
-        self.in_channels, self.sr_ratios = _stage_settings("AttentionFusion", in_channels, sr_ratios)
+        self.in_channels, self.sr_ratios = _stage_settings(
+            "AttentionFusion", in_channels, sr_ratios)
         self.basic_block = nn.ModuleList(
             Block(2 * c, num_heads, mlp_ratio, r, drop_path)
             for c, r in zip(self.in_channels, self.sr_ratios, strict=True)
