@@ -82,6 +82,7 @@ import torch
 from torch import Tensor, nn
 
 from udaseg.errors import CheckpointError, ConfigError
+from udaseg.models.layers import init_transformer_weights
 from udaseg.models.layers import DropPath, memory_format_of
 from udaseg.models.weights import LoadReport, _unwrap, load_state_dict_file
 
@@ -439,13 +440,8 @@ class DINOv2(nn.Module):
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            if isinstance(m, (nn.Linear, nn.LayerNorm)):  # the patch conv keeps PyTorch's init
+                init_transformer_weights(m)
 
     # -- tokens ---------------------------------------------------------------------------------
 
